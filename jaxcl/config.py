@@ -1,0 +1,270 @@
+"""Run configuration: the schema every benchmark config starts from, and its checks.
+
+A benchmark config (``configs/<benchmark>.py``) calls :func:`base_config`, changes what
+its benchmark needs, and returns :func:`finalize` of it. ``finalize`` merges the chosen
+method's defaults into ``config.method`` and locks the dict, so that a misspelt key
+(``--set method.ewc_lamda=1``) is refused by name instead of silently added.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import json
+from typing import Any, Mapping
+
+import ml_collections
+
+SCENARIOS = ("task", "class", "domain")
+STREAMS = ("split", "permuted", "rotated", "multi")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine")
+# Sections that do not change what a run computes: a checkpoint written under other
+# values of these keys may be resumed.
+NON_RESULT_SECTIONS = ("log", "checkpoint", "mesh")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or holds a value the run cannot use."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a run reads, with its default."""
+    c = ml_collections.ConfigDict()
+    c.benchmark = "custom"
+    c.seed = 0
+    c.num_tasks = 5
+    c.epochs = 1
+    c.batch_size = 32
+    c.eval_batch_size = 512
+    c.scenario = "task"  # task | class | domain
+    c.online = False  # one pass over each task (epochs forced to 1)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "digits"  # digits | mnist | fashion_mnist | cifar10 | cifar100 | any TFDS name
+    c.data.source = "auto"  # auto | sklearn | npz | tfds
+    c.data.dir = ""  # folder of <name>.npz files; falls back to $JAXCL_DATA_DIR
+    c.data.stream = "split"  # split | permuted | rotated | multi
+    c.data.classes_per_task = 2  # split streams
+    c.data.class_order = ()  # split streams: explicit order of the classes
+    c.data.shuffle_classes = False  # split streams: class order drawn from the seed
+    c.data.datasets = ()  # multi streams: one dataset per task
+    c.data.angles = ()  # rotated streams: degrees per task (default: evenly spaced)
+    c.data.max_angle = 180.0
+    c.data.normalize = True
+    c.data.augment = False  # random crop (pad 4) and horizontal flip, on device
+    c.data.train_limit = 0  # keep at most this many training samples per task (0: all)
+    c.data.test_limit = 0
+    c.data.label_key = "label"  # TFDS feature holding the label (cifar100: coarse_label)
+    c.data.download = False  # let TFDS download and prepare a missing dataset
+    c.data.tfds_dir = ""  # TFDS data_dir (default: TFDS's own)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "mlp"  # see `jaxcl list`
+    c.model.hidden = (400, 400)  # mlp
+    c.model.activation = "relu"  # mlp: relu | tanh
+    c.model.dropout = 0.0  # mlp
+    c.model.width = 0  # resnets and cnn: base width (0: the model's own default)
+    c.model.init = "torch"  # torch (PyTorch module defaults) | flax
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+
+    c.method = ml_collections.ConfigDict()
+    c.method.name = "finetune"
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"
+    c.optimizer.lr = 0.01
+    c.optimizer.momentum = 0.0
+    c.optimizer.nesterov = False
+    c.optimizer.weight_decay = 0.0  # L2 added to the gradient, as torch.optim.SGD/Adam
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.grad_clip = 0.0  # global-norm clipping (0: off)
+    c.optimizer.schedule = "constant"  # constant | step | cosine, stepped per epoch
+    c.optimizer.milestones = ()  # step schedule: epochs at which lr *= gamma
+    c.optimizer.gamma = 0.1
+    c.optimizer.reset_per_task = True  # fresh optimizer state at each task
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 0  # also save every N train steps (0: after each task only)
+    c.checkpoint.keep = 2
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 50
+    c.log.progress = True
+    c.log.tensorboard = True
+    c.log.plots = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # devices on the `data` axis (-1: all visible devices)
+    return c
+
+
+def method_module(name: str):
+    """The module ``jaxcl.methods.<name>``, or a ConfigError listing the known ones."""
+    from jaxcl import methods
+
+    if name not in methods.available():
+        raise ConfigError(
+            f"method.name: unknown method {name!r}; known: {', '.join(methods.available())}"
+        )
+    return importlib.import_module(f"jaxcl.methods.{name}")
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """``'method=ewc,foo=bar'`` -> ``{'method': 'ewc', 'foo': 'bar'}``."""
+    out: dict[str, str] = {}
+    for part in filter(None, (arg or "").split(",")):
+        if "=" not in part:
+            raise ConfigError(f"config argument {part!r} is not of the form key=value")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def finalize(
+    c: ml_collections.ConfigDict,
+    arg: str | None = None,
+    method_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> ml_collections.ConfigDict:
+    """Apply ``arg`` (``method=NAME``), the method's defaults and this benchmark's
+    overrides for it, then lock the config."""
+    args = parse_arg(arg)
+    name = args.pop("method", c.method.name)
+    if args:
+        raise ConfigError(f"unknown config argument(s): {', '.join(args)} (only method=NAME)")
+    set_method(c, name)
+    for key, value in (method_overrides or {}).get(name, {}).items():
+        _assign(c, key, value)
+    c.lock()
+    return c
+
+
+def set_method(c: ml_collections.ConfigDict, name: str) -> None:
+    """Replace ``c.method`` by ``name``'s defaults (see each method's ``defaults()``)."""
+    module = method_module(name)
+    m = ml_collections.ConfigDict({"name": name, **module.defaults()})
+    with c.unlocked():
+        c.method = m
+
+
+def _lookup(c: ml_collections.ConfigDict, key: str):
+    parts = key.split(".")
+    node = c
+    for i, p in enumerate(parts):
+        known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        if p not in known:
+            prefix = ".".join(parts[:i])
+            full = [f"{prefix}.{k}" if prefix else k for k in known]
+            hint = difflib.get_close_matches(key, full, n=1)
+            raise ConfigError(
+                f"unknown config key {key!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else f"; {prefix or 'config'} has: {', '.join(known)}")
+            )
+        if i < len(parts) - 1:
+            node = node[p]
+    return node, parts[-1]
+
+
+def parse_value(text: str, current: Any) -> Any:
+    """Parse a command-line value to the type of the current value."""
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"expected true or false, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(current, tuple):
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        if isinstance(value, str) and value:
+            return tuple(v.strip() for v in value.split(","))
+        return (value,)
+    return value
+
+
+def _assign(c: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    node, leaf = _lookup(c, key)
+    current = node[leaf]
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if (
+        current is not None
+        and not isinstance(current, ml_collections.ConfigDict)
+        and not isinstance(value, type(current))
+    ):
+        raise ConfigError(
+            f"{key}: expected a value of type {type(current).__name__} (like {current!r}), got {value!r}"
+        )
+    node[leaf] = value
+
+
+def override(c: ml_collections.ConfigDict, assignments: list[str]) -> ml_collections.ConfigDict:
+    """Apply ``KEY=VALUE`` strings (``--set``) to a copy of ``c``. ``method.name=X``
+    switches method first, taking X's defaults, so it may be combined with X's keys."""
+    c = ml_collections.ConfigDict(c.to_dict())  # unlocked copy
+    pairs = []
+    for a in assignments:
+        if "=" not in a:
+            raise ConfigError(f"--set {a!r}: expected KEY=VALUE")
+        k, v = a.split("=", 1)
+        pairs.append((k.strip(), v.strip()))
+    for k, v in pairs:
+        if k == "method.name":
+            set_method(c, v)
+    c.lock()
+    for k, v in pairs:
+        if k == "method.name":
+            continue
+        node, leaf = _lookup(c, k)
+        _assign(c, k, parse_value(v, node[leaf]))
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Refuse values no run can use, naming the key."""
+    from jaxcl import models
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(c.scenario in SCENARIOS, f"scenario: {c.scenario!r} is not one of {', '.join(SCENARIOS)}")
+    need(c.data.stream in STREAMS, f"data.stream: {c.data.stream!r} is not one of {', '.join(STREAMS)}")
+    need(c.num_tasks >= 1, f"num_tasks: must be >= 1, got {c.num_tasks}")
+    need(c.epochs >= 1, f"epochs: must be >= 1, got {c.epochs}")
+    need(c.batch_size >= 1, f"batch_size: must be >= 1, got {c.batch_size}")
+    need(c.eval_batch_size >= 1, f"eval_batch_size: must be >= 1, got {c.eval_batch_size}")
+    need(c.optimizer.name in OPTIMIZERS, f"optimizer.name: {c.optimizer.name!r} is not one of {', '.join(OPTIMIZERS)}")
+    need(c.optimizer.lr > 0, f"optimizer.lr: must be > 0, got {c.optimizer.lr}")
+    need(
+        c.optimizer.schedule in SCHEDULES,
+        f"optimizer.schedule: {c.optimizer.schedule!r} is not one of {', '.join(SCHEDULES)}",
+    )
+    need(c.model.name in models.available(), f"model.name: unknown model {c.model.name!r}; known: {', '.join(models.available())}")
+    need(c.model.init in ("torch", "flax"), f"model.init: {c.model.init!r} is not one of torch, flax")
+    need(c.model.dtype in ("float32", "bfloat16"), f"model.dtype: {c.model.dtype!r} is not one of float32, bfloat16")
+    need(c.data.train_limit >= 0 and c.data.test_limit >= 0, "data.train_limit/test_limit: must be >= 0")
+    method_module(c.method.name)
+
+
+def to_json(c: ml_collections.ConfigDict) -> str:
+    return json.dumps(c.to_dict(), sort_keys=True, default=list)
+
+
+def fingerprint(c: ml_collections.ConfigDict) -> dict:
+    """The part of the config that determines the results (for resume checks)."""
+    d = json.loads(to_json(c))
+    for k in NON_RESULT_SECTIONS:
+        d.pop(k, None)
+    return d

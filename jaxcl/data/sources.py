@@ -1,0 +1,194 @@
+"""Where image-classification datasets come from.
+
+Three sources, each giving a :class:`Dataset` of uint8 NHWC images and integer labels:
+
+* ``sklearn``: scikit-learn's bundled 8x8 digits (1,797 images), the offline default;
+* ``npz``: ``<dir>/<name>.npz`` with ``x_train, y_train, x_test, y_test`` (uint8), the
+  layout of ``shared/data``; ``dir`` is ``data.dir`` or ``$JAXCL_DATA_DIR``;
+* ``tfds``: TensorFlow Datasets by name through ``tfds.data_source`` (random access over
+  ArrayRecord files, no TensorFlow needed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+KNOWN = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
+DATA_DIR_ENV = "JAXCL_DATA_DIR"
+CACHE_DIR_ENV = "JAXCL_CACHE_DIR"
+
+
+class DataError(ValueError):
+    """A dataset cannot be found, or its arrays are not usable as given."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    x_train: np.ndarray  # uint8 [N, H, W, C]
+    y_train: np.ndarray  # int32 [N]
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
+
+
+def checked(name, x_train, y_train, x_test, y_test, num_classes=None) -> Dataset:
+    """Bring arrays to NHWC uint8 / int32 and refuse inconsistent ones by name."""
+    arrays = {}
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim == 3:  # [N, H, W] greyscale
+            x = x[..., None]
+        if x.ndim != 4:
+            raise DataError(f"{name}: x_{split} has shape {x.shape}; expected [N, H, W] or [N, H, W, C]")
+        if y.ndim != 1:
+            raise DataError(f"{name}: y_{split} has shape {y.shape}; expected [N]")
+        if len(x) != len(y):
+            raise DataError(f"{name}: x_{split} has {len(x)} samples but y_{split} has {len(y)}")
+        if len(x) == 0:
+            raise DataError(f"{name}: the {split} split is empty")
+        if x.dtype != np.uint8:
+            raise DataError(f"{name}: x_{split} has dtype {x.dtype}; expected uint8 pixels 0..255")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{name}: y_{split} has dtype {y.dtype}; expected integer class labels")
+        arrays[split] = (x, y.astype(np.int32))
+    if arrays["train"][0].shape[1:] != arrays["test"][0].shape[1:]:
+        raise DataError(
+            f"{name}: train images are {arrays['train'][0].shape[1:]} but test images are "
+            f"{arrays['test'][0].shape[1:]}"
+        )
+    labels = np.concatenate([arrays["train"][1], arrays["test"][1]])
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise DataError(f"{name}: labels out of range: found {lo}..{hi}, expected 0..{num_classes - 1}")
+    return Dataset(name, *arrays["train"], *arrays["test"], num_classes=int(num_classes))
+
+
+def data_dir(configured: str = "") -> Path | None:
+    d = configured or os.environ.get(DATA_DIR_ENV, "")
+    return Path(d).expanduser() if d else None
+
+
+def load(name: str, source: str = "auto", directory: str = "", *, label_key: str = "label",
+         download: bool = False, tfds_dir: str = "") -> Dataset:
+    """Load dataset ``name`` from ``source`` (``auto`` tries sklearn, npz, then TFDS)."""
+    if source not in ("auto", "sklearn", "npz", "tfds"):
+        raise DataError(f"data.source: {source!r} is not one of auto, sklearn, npz, tfds")
+    if source == "sklearn" or (source == "auto" and name == "digits"):
+        if name != "digits":
+            raise DataError(f"data.source=sklearn only provides 'digits', not {name!r}")
+        return load_digits()
+    d = data_dir(directory)
+    npz = d / f"{name}.npz" if d else None
+    if source == "npz" or (source == "auto" and npz is not None and npz.exists()):
+        if npz is None:
+            raise DataError(
+                f"dataset {name!r}: no data directory; set data.dir or ${DATA_DIR_ENV} to a folder holding {name}.npz"
+            )
+        return load_npz(npz, name)
+    try:
+        return load_tfds(name, label_key=label_key, download=download, data_dir=tfds_dir or None)
+    except DataError as e:
+        where = f"no {npz}" if npz else f"no data directory (data.dir / ${DATA_DIR_ENV})"
+        raise DataError(f"dataset {name!r} not found: {where}, and TFDS: {e}") from None
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's 8x8 digits, pixels 0..16 scaled to 0..255, a fixed stratified
+    80/20 split (the same on every machine)."""
+    from sklearn.datasets import load_digits as _load
+    from sklearn.model_selection import train_test_split
+
+    d = _load()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    y = d.target.astype(np.int32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    return checked("digits", x_tr, y_tr, x_te, y_te, num_classes=10)
+
+
+def _cache_root() -> Path:
+    base = os.environ.get(CACHE_DIR_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxcl"
+    )
+    return Path(base)
+
+
+def load_npz(path: Path, name: str | None = None) -> Dataset:
+    """Read a ``.npz`` of uint8 arrays. LZMA-compressed files (such as cifar10.npz) take
+    seconds to inflate, so their arrays are cached once as ``.npy`` and memory-mapped."""
+    path = Path(path)
+    name = name or path.stem
+    if not path.exists():
+        raise DataError(f"dataset {name!r}: file {path} does not exist")
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = _cache_root() / f"{name}-{key}"
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    if all((cache / f"{k}.npy").exists() for k in keys):
+        arrays = [np.load(cache / f"{k}.npy", mmap_mode="r") for k in keys]
+    else:
+        try:
+            with np.load(path) as f:
+                missing = [k for k in keys if k not in f.files]
+                if missing:
+                    raise DataError(f"{path}: missing array(s) {', '.join(missing)}; has {', '.join(f.files)}")
+                arrays = [f[k] for k in keys]
+        except DataError:
+            raise
+        except Exception as e:  # zipfile.BadZipFile, OSError, ...
+            raise DataError(f"{path}: cannot be read as .npz ({type(e).__name__}: {e})") from None
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            for k, a in zip(keys, arrays):
+                np.save(tmp / f"{k}.npy", a)
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only cache, or another process filled it first: not an error
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return checked(name, *arrays)
+
+
+def load_tfds(name: str, *, label_key: str = "label", image_key: str = "image",
+              download: bool = False, data_dir: str | None = None) -> Dataset:
+    """Read every example of a TFDS dataset's train and test splits into memory."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(
+            f"unknown dataset {name!r}: not one of {', '.join(KNOWN)} and not a TFDS dataset"
+        ) from None
+    features = builder.info.features
+    if label_key not in features or image_key not in features:
+        raise DataError(f"TFDS {name!r} has features {list(features)}; need {image_key!r} and {label_key!r}")
+    num_classes = getattr(features[label_key], "num_classes", None)
+    splits = []
+    for split in ("train", "test"):
+        try:
+            src = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+        except Exception as e:  # not prepared and download=False, no network, ...
+            raise DataError(
+                f"TFDS could not open {name}:{split} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                "prepare it or set data.download=True"
+            ) from None
+        xs, ys = [], []
+        for i in range(len(src)):
+            ex = src[i]
+            xs.append(np.asarray(ex[image_key]))
+            ys.append(int(ex[label_key]))
+        splits += [np.stack(xs), np.asarray(ys, np.int32)]
+    return checked(name, *splits, num_classes=num_classes)

@@ -1,0 +1,285 @@
+"""Task streams: a dataset cut into tasks, in one of three scenarios.
+
+A :class:`Stream` is a tuple of :class:`Task` s plus the scenario that says what the
+model predicts:
+
+* ``task``: task-incremental. One head per task; labels are local to the task
+  (``0..C_t-1``); the task id is given at test time.
+* ``class``: class-incremental. One head over every class of the stream; labels are the
+  class's position in the stream (``offset_t + local``); no task id at test.
+* ``domain``: domain-incremental. One head of ``max C_t`` outputs shared by all tasks;
+  labels are local.
+
+Streams: ``split`` (classes partitioned into tasks), ``permuted`` (a fixed pixel
+permutation per task), ``rotated`` (a fixed rotation per task) and ``multi`` (one dataset
+per task, brought to one input shape). Everything is determined by ``seed``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from jaxcl.data.sources import DataError, Dataset, load
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    x_train: np.ndarray  # uint8 [N, H, W, C]
+    y_train: np.ndarray  # int32 local labels 0..num_classes-1
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple  # what each local label stands for (source class ids)
+    mean: np.ndarray  # per-channel, on the 0..1 scale
+    std: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamInfo:
+    """What a model and a method need to know of a stream (static, hashable)."""
+
+    num_tasks: int
+    scenario: str
+    input_shape: tuple  # (H, W, C)
+    num_heads: int
+    num_outputs: int  # outputs per head
+    classes_per_head: tuple  # valid outputs of each head
+    task_classes: tuple  # classes of each task
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    name: str
+    scenario: str
+    tasks: tuple
+
+    def __post_init__(self):
+        if self.scenario not in ("task", "class", "domain"):
+            raise DataError(f"scenario: {self.scenario!r} is not one of task, class, domain")
+        if not self.tasks:
+            raise DataError(f"stream {self.name!r} has no tasks")
+        shapes = {t.x_train.shape[1:] for t in self.tasks}
+        if len(shapes) > 1:
+            raise DataError(f"stream {self.name!r}: tasks have different input shapes {sorted(shapes)}")
+        for i, t in enumerate(self.tasks):
+            for split, x, y in (("training", t.x_train, t.y_train), ("test", t.x_test, t.y_test)):
+                if len(x) == 0:
+                    raise DataError(f"task {i} ({t.name}, classes {list(t.classes)}) has no {split} samples")
+                if len(x) != len(y):
+                    raise DataError(f"task {i} ({t.name}): {len(x)} {split} inputs but {len(y)} labels")
+                if y.min() < 0 or y.max() >= t.num_classes:
+                    raise DataError(
+                        f"task {i} ({t.name}): {split} labels out of range {int(y.min())}..{int(y.max())}, "
+                        f"expected 0..{t.num_classes - 1}"
+                    )
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([t.num_classes for t in self.tasks])[:-1]]).astype(np.int32)
+
+    @property
+    def info(self) -> StreamInfo:
+        per_task = tuple(t.num_classes for t in self.tasks)
+        if self.scenario == "task":
+            heads, outputs, per_head = len(self.tasks), max(per_task), per_task
+        elif self.scenario == "class":
+            heads, outputs = 1, int(sum(per_task))
+            per_head = (outputs,)
+        else:
+            heads, outputs = 1, max(per_task)
+            per_head = (outputs,)
+        return StreamInfo(
+            num_tasks=len(self.tasks),
+            scenario=self.scenario,
+            input_shape=tuple(self.tasks[0].x_train.shape[1:]),
+            num_heads=heads,
+            num_outputs=outputs,
+            classes_per_head=per_head,
+            task_classes=per_task,
+        )
+
+    def targets(self, task: int, y_local: np.ndarray) -> np.ndarray:
+        """Labels as the model's outputs index them in this scenario."""
+        if self.scenario == "class":
+            return y_local + self.offsets[task]
+        return y_local
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std on the 0..1 scale, over (at most) 10k images."""
+    sample = np.asarray(x[:10000], dtype=np.float64) / 255.0
+    mean = sample.mean(axis=(0, 1, 2))
+    std = sample.std(axis=(0, 1, 2))
+    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
+def _subset(x, y, limit: int, rng: np.random.Generator):
+    if limit and len(x) > limit:
+        idx = np.sort(rng.choice(len(x), size=limit, replace=False))
+        return x[idx], y[idx]
+    return np.asarray(x), np.asarray(y)
+
+
+def _make_task(name, x_tr, y_tr, x_te, y_te, classes, mean, std, limits, rng) -> Task:
+    x_tr, y_tr = _subset(x_tr, y_tr, limits[0], rng)
+    x_te, y_te = _subset(x_te, y_te, limits[1], rng)
+    return Task(name, x_tr, y_tr.astype(np.int32), x_te, y_te.astype(np.int32), tuple(classes), mean, std)
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+def split(ds: Dataset, num_tasks: int, classes_per_task: int, *, scenario: str = "task",
+          class_order: Sequence[int] = (), shuffle_classes: bool = False, seed: int = 0,
+          limits=(0, 0)) -> Stream:
+    """Partition the classes of ``ds`` into ``num_tasks`` tasks of ``classes_per_task``."""
+    rng = np.random.default_rng([seed, 1])
+    order = list(class_order) if class_order else list(range(ds.num_classes))
+    if class_order:
+        bad = [c for c in order if not 0 <= c < ds.num_classes]
+        if bad or len(set(order)) != len(order):
+            raise DataError(f"data.class_order: {order} must list distinct classes of 0..{ds.num_classes - 1}")
+    elif shuffle_classes:
+        order = list(rng.permutation(ds.num_classes))
+    need = num_tasks * classes_per_task
+    if classes_per_task < 1 or need > len(order):
+        raise DataError(
+            f"split {ds.name}: {num_tasks} tasks x {classes_per_task} classes needs {need} classes, "
+            f"the dataset has {len(order)}"
+        )
+    mean, std = _channel_stats(ds.x_train)
+    tasks = []
+    for t in range(num_tasks):
+        cls = [int(c) for c in order[t * classes_per_task:(t + 1) * classes_per_task]]
+        lut = np.full(ds.num_classes, -1, np.int32)
+        lut[cls] = np.arange(len(cls))
+        tr, te = np.isin(ds.y_train, cls), np.isin(ds.y_test, cls)
+        tasks.append(_make_task(
+            f"{ds.name}[{','.join(map(str, cls))}]",
+            ds.x_train[tr], lut[ds.y_train[tr]], ds.x_test[te], lut[ds.y_test[te]],
+            cls, mean, std, limits, rng,
+        ))
+    return Stream(f"split_{ds.name}", scenario, tuple(tasks))
+
+
+def _per_task_stream(ds: Dataset, kind: str, num_tasks: int, transform, scenario: str,
+                     seed: int, limits) -> Stream:
+    rng = np.random.default_rng([seed, 2])
+    mean, std = _channel_stats(ds.x_train)
+    cls = tuple(range(ds.num_classes))
+    base = [_subset(ds.x_train, ds.y_train, limits[0], rng), _subset(ds.x_test, ds.y_test, limits[1], rng)]
+    tasks = []
+    for t in range(num_tasks):
+        (xtr, ytr), (xte, yte) = base
+        f, label = transform(t)
+        tasks.append(Task(f"{ds.name}-{kind}{label}", f(xtr), ytr, f(xte), yte, cls, mean, std))
+    return Stream(f"{kind}_{ds.name}", scenario, tuple(tasks))
+
+
+def permuted(ds: Dataset, num_tasks: int, *, scenario: str = "domain", seed: int = 0,
+             limits=(0, 0)) -> Stream:
+    """Each task applies its own fixed random permutation to the pixels (every task is
+    permuted, the first included, as Avalanche's PermutedMNIST)."""
+    rng = np.random.default_rng([seed, 3])
+    n = int(np.prod(ds.image_shape))
+    perms = [rng.permutation(n) for _ in range(num_tasks)]
+
+    def transform(t):
+        def f(x):
+            return np.ascontiguousarray(np.asarray(x).reshape(len(x), n)[:, perms[t]].reshape(x.shape))
+        return f, str(t)
+
+    return _per_task_stream(ds, "permuted", num_tasks, transform, scenario, seed, limits)
+
+
+def rotated(ds: Dataset, num_tasks: int, *, angles: Sequence[float] = (), max_angle: float = 180.0,
+            scenario: str = "domain", seed: int = 0, limits=(0, 0)) -> Stream:
+    """Each task rotates every image by its own angle (default: evenly spaced in
+    [0, max_angle)), bilinear, zero fill."""
+    from scipy import ndimage
+
+    angles = list(angles) if angles else [max_angle * t / num_tasks for t in range(num_tasks)]
+    if len(angles) != num_tasks:
+        raise DataError(f"data.angles: {len(angles)} angles given for {num_tasks} tasks")
+
+    def transform(t):
+        def f(x):
+            x = np.asarray(x, np.float32)
+            r = ndimage.rotate(x, angles[t], axes=(1, 2), reshape=False, order=1, mode="constant", cval=0.0)
+            return np.clip(np.round(r), 0, 255).astype(np.uint8)
+        return f, f"{angles[t]:g}"
+
+    return _per_task_stream(ds, "rotated", num_tasks, transform, scenario, seed, limits)
+
+
+def _to_shape(x: np.ndarray, shape: tuple) -> np.ndarray:
+    """Zero-pad (centred) or centre-crop to (H, W) and repeat greyscale to C channels."""
+    x = np.asarray(x)
+    h, w, c = shape
+    if x.shape[3] != c:
+        if x.shape[3] != 1:
+            raise DataError(f"cannot bring {x.shape[3]}-channel images to {c} channels")
+        x = np.repeat(x, c, axis=3)
+    for axis, size in ((1, h), (2, w)):
+        cur = x.shape[axis]
+        if cur < size:
+            before = (size - cur) // 2
+            pad = [(0, 0)] * 4
+            pad[axis] = (before, size - cur - before)
+            x = np.pad(x, pad)
+        elif cur > size:
+            start = (cur - size) // 2
+            x = np.take(x, np.arange(start, start + size), axis=axis)
+    return x
+
+
+def multi(datasets: Sequence[Dataset], *, scenario: str = "task", seed: int = 0, limits=(0, 0)) -> Stream:
+    """One task per dataset, images zero-padded and channel-repeated to the largest shape
+    (MNIST 28x28x1 -> 32x32x3 next to CIFAR-10). Each task keeps its dataset's
+    normalisation."""
+    rng = np.random.default_rng([seed, 4])
+    shape = tuple(max(d.image_shape[i] for d in datasets) for i in range(3))
+    tasks = []
+    for d in datasets:
+        xtr, xte = _to_shape(d.x_train, shape), _to_shape(d.x_test, shape)
+        mean, std = _channel_stats(xtr)
+        tasks.append(_make_task(d.name, xtr, d.y_train, xte, d.y_test, range(d.num_classes),
+                                mean, std, limits, rng))
+    return Stream("multi_" + "_".join(d.name for d in datasets), scenario, tuple(tasks))
+
+
+def build(cfg) -> Stream:
+    """The stream a run config describes (``cfg.data``, ``cfg.num_tasks``, ``cfg.scenario``)."""
+    d = cfg.data
+    limits = (d.train_limit, d.test_limit)
+
+    def get(name):
+        return load(name, d.source, d.dir, label_key=d.label_key, download=d.download, tfds_dir=d.tfds_dir)
+
+    if d.stream == "multi":
+        names = list(d.datasets)
+        if len(names) != cfg.num_tasks:
+            raise DataError(f"data.datasets lists {len(names)} datasets but num_tasks is {cfg.num_tasks}")
+        return multi([get(n) for n in names], scenario=cfg.scenario, seed=cfg.seed, limits=limits)
+    ds = get(d.name)
+    if d.stream == "split":
+        return split(ds, cfg.num_tasks, d.classes_per_task, scenario=cfg.scenario, class_order=d.class_order,
+                     shuffle_classes=d.shuffle_classes, seed=cfg.seed, limits=limits)
+    if d.stream == "permuted":
+        return permuted(ds, cfg.num_tasks, scenario=cfg.scenario, seed=cfg.seed, limits=limits)
+    if d.stream == "rotated":
+        return rotated(ds, cfg.num_tasks, angles=d.angles, max_angle=d.max_angle, scenario=cfg.scenario,
+                       seed=cfg.seed, limits=limits)
+    raise DataError(f"data.stream: {d.stream!r} is not one of split, permuted, rotated, multi")

@@ -1,0 +1,33 @@
+"""Continual-learning methods, one module each, found by name (``jaxcl list``).
+
+See :mod:`jaxcl.methods.base` for the contract every method follows.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from jaxcl.methods.base import Method, State
+
+
+def available() -> list[str]:
+    """Names of the method modules in this package."""
+    import jaxcl.methods as pkg
+
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_") and m.name != "base")
+
+
+def build(config, model, info) -> Method:
+    """``jaxcl.methods.<config.method.name>.make(config, model, info)``."""
+    name = config.method.name
+    if name not in available():
+        raise ValueError(f"method.name: unknown method {name!r}; known: {', '.join(available())}")
+    return importlib.import_module(f"jaxcl.methods.{name}").make(config, model, info)
+
+
+def describe(name: str) -> str:
+    doc = importlib.import_module(f"jaxcl.methods.{name}").__doc__ or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+__all__ = ["Method", "State", "available", "build", "describe"]

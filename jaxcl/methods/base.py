@@ -1,0 +1,175 @@
+"""The method contract: what every continual-learning method in jaxcl is.
+
+A method is a module ``jaxcl/methods/<name>.py`` with two functions:
+
+* ``defaults() -> dict``: its hyperparameters and their defaults (they become the keys
+  of ``config.method``);
+* ``make(config, model, info) -> Method``: a factory that closes over the run config,
+  the Flax model and the stream's :class:`~jaxcl.data.StreamInfo`, and returns a
+  :class:`Method`, a NamedTuple of pure, jittable functions over a :class:`State`.
+
+The training loop (:mod:`jaxcl.train`) drives every method the same way::
+
+    state = init(rng, x)                               # once
+    for task t:
+        state = begin_task(state, t)
+        for phase p, (name, epochs) in enumerate(phases):
+            for each batch:                            # ONE jitted step, t traced
+                grads = grad(loss)(state.params, state, batch, t, rng, p)
+                updates = optimizer(grads)
+                params = where(state.trainable, params + updates, params)
+                state = after_step(state, aux, batch, t, rng, p)
+            if consolidate: for each batch of task t: state = consolidate(state, batch, t, p)
+            state = after_phase(state, t, p)
+        evaluate: predict(state, x, task_ids)
+
+``state.trainable`` is a boolean tree over ``state.params``; a leaf is either a scalar
+(the whole array) or an array of the parameter's shape (per-element masks, PackNet).
+The loop applies it *after* the optimizer, so momentum and weight decay never move a
+frozen weight. To add a method, copy ``finetune.py``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+# Model collections updated by the forward pass rather than by gradients.
+STATE_COLLECTIONS = ("batch_stats",)
+
+
+@flax.struct.dataclass
+class State:
+    params: PyTree  # every collection the loss is differentiated in: {'params': ..., 'clr': ...}
+    model_state: PyTree  # collections the forward pass updates: {'batch_stats': ...}
+    opt_state: PyTree
+    trainable: PyTree  # bool tree over params (see module docstring)
+    extra: PyTree  # the method's own arrays: anchors, Fisher, replay memory, owner masks, ...
+    step: jax.Array  # global train step
+    rng: jax.Array  # base key; step keys are fold_in(rng, step)
+    bad_step: jax.Array  # first step whose loss was not finite, -1 if none
+
+
+class Method(NamedTuple):
+    name: str
+    init: Callable[[jax.Array, jax.Array], State]
+    begin_task: Callable[[State, jax.Array], State]
+    loss: Callable[..., tuple[jax.Array, dict]]  # (params, state, batch, task, rng, phase)
+    after_step: Callable[..., State]  # (state, aux, batch, task, rng, phase)
+    consolidate: Optional[Callable[..., State]]  # (state, batch, task, phase), over the task's data
+    after_phase: Callable[[State, jax.Array, int], State]
+    predict: Callable[[State, jax.Array, jax.Array], jax.Array]  # (state, x, task) -> logits
+    phases: tuple  # ((name, epochs), ...)
+    data: str  # 'current' (the task's data) or 'cumulative' (all tasks seen so far)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def init_state(model, rng: jax.Array, x: jax.Array, extra: PyTree = None) -> State:
+    """Initialise the model's variables and an everything-trainable State."""
+    k_params, k_dropout, k_state = jax.random.split(rng, 3)
+    variables = model.init({"params": k_params, "dropout": k_dropout}, x, jnp.zeros((), jnp.int32), False)
+    params = {k: v for k, v in variables.items() if k not in STATE_COLLECTIONS}
+    model_state = {k: v for k, v in variables.items() if k in STATE_COLLECTIONS}
+    return State(
+        params=params,
+        model_state=model_state,
+        opt_state=None,
+        trainable=jax.tree_util.tree_map(lambda _: jnp.ones((), bool), params),
+        extra={} if extra is None else extra,
+        step=jnp.zeros((), jnp.int32),
+        rng=k_state,
+        bad_step=-jnp.ones((), jnp.int32),
+    )
+
+
+def apply(model, params: PyTree, model_state: PyTree, x, task, *, train: bool, rng=None):
+    """Forward pass; returns (logits, new model_state). Batch statistics are updated
+    only in train mode."""
+    variables = {**params, **model_state}
+    rngs = {"dropout": rng} if rng is not None else {}
+    if train and model_state:
+        logits, new = model.apply(variables, x, task, True, rngs=rngs, mutable=list(model_state))
+        return logits, {**model_state, **new}
+    return model.apply(variables, x, task, train, rngs=rngs), model_state
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean softmax cross-entropy over the samples with mask 1."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    if mask is None:
+        return ce.mean()
+    return (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def accuracy(logits, labels, mask=None):
+    hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    if mask is None:
+        return hit.mean()
+    return (hit * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def classification_loss(model, *, per_sample_task: bool = False):
+    """The plain objective: cross-entropy of the model in train mode on the batch.
+    The head is chosen by the task being learned, or per sample (``per_sample_task``)
+    when batches mix tasks."""
+
+    def loss(params, state: State, batch, task, rng, phase):
+        t = batch["task"] if per_sample_task else task
+        logits, model_state = apply(model, params, state.model_state, batch["x"], t, train=True, rng=rng)
+        ce = cross_entropy(logits, batch["y"], batch["mask"])
+        return ce, {"model_state": model_state, "metrics": {"ce": ce, "acc": accuracy(logits, batch["y"], batch["mask"])}}
+
+    return loss
+
+
+def default_predict(model):
+    def predict(state: State, x, task):
+        return apply(model, state.params, state.model_state, x, task, train=False)[0]
+
+    return predict
+
+
+def _identity_task(state, task):
+    return state
+
+
+def _identity_step(state, aux, batch, task, rng, phase):
+    return state
+
+
+def _identity_phase(state, task, phase):
+    return state
+
+
+def make(name: str, config, model, *, init=None, loss=None, begin_task=None, after_step=None,
+         consolidate=None, after_phase=None, predict=None, phases=None, data: str = "current") -> Method:
+    """A Method with the plain behaviour wherever a function is not given."""
+    epochs = 1 if config.online else config.epochs
+    return Method(
+        name=name,
+        init=init or (lambda rng, x: init_state(model, rng, x)),
+        begin_task=begin_task or _identity_task,
+        loss=loss or classification_loss(model, per_sample_task=data == "cumulative"),
+        after_step=after_step or _identity_step,
+        consolidate=consolidate,
+        after_phase=after_phase or _identity_phase,
+        predict=predict or default_predict(model),
+        phases=phases or (("train", epochs),),
+        data=data,
+    )
+
+
+def stack_like(tree: PyTree, n: int) -> PyTree:
+    """Zeros with a leading axis of size ``n`` for every leaf (per-task state)."""
+    return jax.tree_util.tree_map(lambda p: jnp.zeros((n,) + p.shape, p.dtype), tree)
+
+
+def tree_set(stacked: PyTree, index, tree: PyTree) -> PyTree:
+    """``stacked[index] = tree`` leaf by leaf, with a traced index."""
+    return jax.tree_util.tree_map(lambda s, v: s.at[index].set(v.astype(s.dtype)), stacked, tree)

@@ -1,0 +1,54 @@
+"""Flax Linen models, found by name (``jaxcl list`` prints them).
+
+Every model maps ``(x, task, train)`` to logits and ends in ``layers.Heads`` named
+``head``; everything before the head is the trunk.
+"""
+from __future__ import annotations
+
+import functools
+
+from jaxcl.models.cnn import CNN
+from jaxcl.models.layers import Conv, ConvNorm, Dense, Heads, Norm
+from jaxcl.models.mlp import MLP
+from jaxcl.models.resnet import BasicBlock, Bottleneck, ResNet
+
+_MODELS = {
+    "mlp": MLP,
+    "cnn": CNN,
+    "reduced_resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock, width=20, stem="cifar"),
+    "resnet18_cifar": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock, width=64, stem="cifar"),
+    "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock, width=64, stem="imagenet"),
+    "resnet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck, width=64, stem="imagenet"),
+}
+
+DESCRIPTIONS = {
+    "mlp": "MLP on flattened input (model.hidden, model.activation, model.dropout)",
+    "cnn": "small CNN: 2x(conv3x3, conv3x3, maxpool), dense 512 (model.width, default 32)",
+    "reduced_resnet18": "reduced ResNet-18 of GEM/La-MAML/NCCL: BasicBlock [2,2,2,2], width 20, 3x3 stem",
+    "resnet18_cifar": "CIFAR ResNet-18: BasicBlock [2,2,2,2], width 64, 3x3 stem, no max-pool",
+    "resnet18": "ImageNet-layout ResNet-18: 7x7/2 stem, max-pool, BasicBlock [2,2,2,2]",
+    "resnet50": "ImageNet-layout ResNet-50: Bottleneck [3,4,6,3]",
+}
+
+
+def available() -> list[str]:
+    return sorted(_MODELS)
+
+
+def build(cfg_model, info, **overrides):
+    """The model named by ``cfg_model.name`` with heads shaped for ``info`` (a StreamInfo)."""
+    name = cfg_model.name
+    if name not in _MODELS:
+        raise ValueError(f"model.name: unknown model {name!r}; known: {', '.join(available())}")
+    kw = dict(num_heads=info.num_heads, num_outputs=info.num_outputs, classes_per_head=tuple(info.classes_per_head),
+              weight_init=cfg_model.init, dtype=cfg_model.dtype)
+    if name == "mlp":
+        kw.update(hidden=tuple(cfg_model.hidden), activation=cfg_model.activation, dropout=cfg_model.dropout)
+    elif cfg_model.width:
+        kw.update(width=cfg_model.width)
+    kw.update(overrides)
+    return _MODELS[name](**kw)
+
+
+__all__ = ["BasicBlock", "Bottleneck", "CNN", "Conv", "ConvNorm", "DESCRIPTIONS", "Dense", "Heads", "MLP", "Norm",
+           "ResNet", "available", "build"]

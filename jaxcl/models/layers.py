@@ -1,0 +1,196 @@
+"""Layers built to be extended by continual-learning methods.
+
+Every model in :mod:`jaxcl.models` is made of these. A method that needs its own
+variables next to a layer's weights (CLR's per-task reprogramming kernels, NCCL's
+calibration, ResCL's combination) subclasses a layer and overrides one hook, then hands
+the subclass to the model (``model.clone(conv=MyConv)``); the model definition is not
+copied and parameter names stay those of the plain model, so a checkpoint of the plain
+model loads into the extended one.
+
+Hooks, each a plain method called inside the layer's compact ``__call__`` (so it may
+create variables in any collection with ``self.param`` / ``self.variable``):
+
+* ``Dense.adapt(kernel, bias, task)`` / ``Conv.adapt(kernel, bias, task)``: transform the
+  weights before they are used;
+* ``Dense.post(y, task)`` / ``Conv.post(y, task)``: transform the output.
+
+``task`` is the task id: a scalar, or one id per sample (a batch that mixes tasks).
+``ConvNorm`` (conv followed by batch norm) is the unit of every CNN here; ResCL replaces
+the whole unit.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+ModuleDef = Any
+
+
+def _uniform_fan_in(fan_in: int) -> Callable:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for Linear/Conv weights
+    (kaiming_uniform with a=sqrt(5)) and biases."""
+    bound = 1.0 / np.sqrt(max(fan_in, 1))
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def kernel_init(style: str, fan_in: int) -> Callable:
+    if style == "torch":
+        return _uniform_fan_in(fan_in)
+    return nn.initializers.lecun_normal()
+
+
+def bias_init(style: str, fan_in: int) -> Callable:
+    if style == "torch":
+        return _uniform_fan_in(fan_in)
+    return nn.initializers.zeros
+
+
+def _dtype(name: str):
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+class Dense(nn.Module):
+    features: int
+    use_bias: bool = True
+    weight_init: str = "torch"
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: Array, task: Optional[Array] = None) -> Array:
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", kernel_init(self.weight_init, fan_in), (fan_in, self.features))
+        bias = self.param("bias", bias_init(self.weight_init, fan_in), (self.features,)) if self.use_bias else None
+        kernel, bias = self.adapt(kernel, bias, task)
+        dt = _dtype(self.dtype)
+        y = jnp.dot(x.astype(dt), kernel.astype(dt))
+        if bias is not None:
+            y = y + bias.astype(dt)
+        return self.post(y, task)
+
+    def adapt(self, kernel, bias, task):
+        return kernel, bias
+
+    def post(self, y, task):
+        return y
+
+
+class Conv(nn.Module):
+    """2-D convolution, NHWC input, HWIO kernel, symmetric integer padding (as PyTorch)."""
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    padding: int = -1  # -1: kernel_size // 2
+    use_bias: bool = False
+    weight_init: str = "torch"
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: Array, task: Optional[Array] = None) -> Array:
+        k, cin = self.kernel_size, x.shape[-1]
+        fan_in = cin * k * k
+        kernel = self.param("kernel", kernel_init(self.weight_init, fan_in), (k, k, cin, self.features))
+        bias = self.param("bias", bias_init(self.weight_init, fan_in), (self.features,)) if self.use_bias else None
+        kernel, bias = self.adapt(kernel, bias, task)
+        y = conv2d(x, kernel, self.strides, self.padding if self.padding >= 0 else k // 2, _dtype(self.dtype))
+        if bias is not None:
+            y = y + bias.astype(y.dtype)
+        return self.post(y, task)
+
+    def adapt(self, kernel, bias, task):
+        return kernel, bias
+
+    def post(self, y, task):
+        return y
+
+
+def conv2d(x: Array, kernel: Array, strides: int = 1, padding: int = 0, dtype=jnp.float32,
+           groups: int = 1) -> Array:
+    return jax.lax.conv_general_dilated(
+        x.astype(dtype), kernel.astype(dtype), (strides, strides), [(padding, padding)] * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+    )
+
+
+class Norm(nn.Module):
+    """Batch norm with PyTorch's defaults (momentum 0.1, i.e. flax momentum 0.9; eps 1e-5).
+    Statistics live in the ``batch_stats`` collection."""
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: Array, task: Optional[Array] = None, train: bool = False) -> Array:
+        return nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon,
+                            dtype=jnp.float32, name="bn")(x.astype(jnp.float32))
+
+
+class ConvNorm(nn.Module):
+    """conv -> norm (no activation): the unit every CNN here is made of."""
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    conv: ModuleDef = Conv
+    norm: Optional[ModuleDef] = Norm
+
+    @nn.compact
+    def __call__(self, x: Array, task: Optional[Array] = None, train: bool = False) -> Array:
+        y = self.conv(self.features, self.kernel_size, self.strides, name="conv")(x, task)
+        if self.norm is not None:
+            y = self.norm(name="norm")(y, task, train)
+        return y
+
+
+def select(task: Array, num: int) -> Array:
+    """One-hot weights [B, num] (or [num]) of a scalar or per-sample task id."""
+    return jax.nn.one_hot(jnp.asarray(task), num, dtype=jnp.float32)
+
+
+class Heads(nn.Module):
+    """``num_heads`` linear classifiers stacked on a leading axis, picked by task id.
+
+    A scalar task id uses that task's head for the whole batch; a vector picks a head
+    per sample. Outputs beyond a head's own class count (``classes_per_head``) are set
+    to a large negative number, so neither the loss nor argmax ever picks them.
+    """
+
+    num_heads: int
+    num_outputs: int
+    classes_per_head: tuple = ()
+    weight_init: str = "torch"
+
+    @nn.compact
+    def __call__(self, h: Array, task: Optional[Array] = None) -> Array:
+        h = h.astype(jnp.float32)
+        d, hn, c = h.shape[-1], self.num_heads, self.num_outputs
+        kernel = self.param("kernel", kernel_init(self.weight_init, d) if self.weight_init == "torch"
+                            else nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                                  in_axis=-2, out_axis=-1, batch_axis=(0,)),
+                            (hn, d, c))
+        bias = self.param("bias", bias_init(self.weight_init, d), (hn, c))
+        if hn == 1 or task is None:
+            logits = h @ kernel[0] + bias[0]
+            idx = jnp.zeros((), jnp.int32)
+        else:
+            task = jnp.asarray(task, jnp.int32)
+            if task.ndim == 0:
+                logits = h @ kernel[task] + bias[task]
+            else:
+                sel = select(task, hn)  # [B, H]
+                logits = jnp.einsum("bd,hdc,bh->bc", h, kernel, sel) + sel @ bias
+            idx = task
+        per_head = self.classes_per_head or (c,) * hn
+        if min(per_head) < c:
+            valid = jnp.arange(c) < jnp.asarray(per_head)[idx][..., None]
+            logits = jnp.where(valid, logits, -1e9)
+        return logits

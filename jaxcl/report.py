@@ -1,0 +1,107 @@
+"""Results of a run: ``results.json``, plots and printed tables."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def save_results(workdir: str | Path, results: dict) -> Path:
+    path = Path(workdir) / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=float))
+    tmp.replace(path)
+    return path
+
+
+def load_results(workdir: str | Path) -> dict:
+    path = Path(workdir) / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{workdir}: no results.json (has the run finished?)")
+    return json.loads(path.read_text())
+
+
+def plot(workdir: str | Path, R: Sequence[Sequence[float]], title: str = "") -> list[Path]:
+    """``accuracy_matrix.png`` (heatmap of R) and ``task_accuracy.png`` (each task's
+    accuracy as tasks are learned)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    R = np.asarray(R, dtype=float)
+    rows, tasks = R.shape
+    out = []
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * tasks, 0.8 + 0.5 * rows))
+    im = ax.imshow(R, vmin=0.0, vmax=1.0, cmap="viridis")
+    for i in range(rows):
+        for j in range(tasks):
+            ax.text(j, i, f"{100 * R[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if R[i, j] < 0.6 else "black")
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("after training task")
+    ax.set_xticks(range(tasks))
+    ax.set_yticks(range(rows))
+    ax.set_title(title or "accuracy matrix", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    out.append(Path(workdir) / "accuracy_matrix.png")
+    fig.savefig(out[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for j in range(tasks):
+        ax.plot(range(j, rows), R[j:, j], marker="o", ms=3, label=f"task {j}")
+    ax.plot(range(rows), [R[i, : i + 1].mean() for i in range(rows)], "k--", lw=2, label="mean (seen)")
+    ax.set_xlabel("after training task")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title or "accuracy of each task", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    out.append(Path(workdir) / "task_accuracy.png")
+    fig.savefig(out[-1], dpi=110)
+    plt.close(fig)
+    return out
+
+
+def matrix_table(R: Sequence[Sequence[float]]) -> str:
+    R = np.asarray(R, dtype=float)
+    head = "after \\ on " + " ".join(f"{j:>6d}" for j in range(R.shape[1]))
+    lines = [head]
+    for i, row in enumerate(R):
+        lines.append(f"task {i:<6d}" + " ".join(f"{100 * v:6.1f}" for v in row))
+    return "\n".join(lines)
+
+
+def summary_table(results: dict) -> str:
+    r = results
+    p = r.get("params", {})
+    lines = [
+        f"{r['benchmark']}  method={r['method']}  scenario={r['scenario']}  tasks={r['num_tasks']}  model={r.get('model', '')}",
+        "",
+        "accuracy matrix (%, row i: after training task i; column j: task j)",
+        matrix_table(r["accuracy_matrix"]),
+        "",
+        f"ACC {100 * r['acc']:.2f}%   BWT {100 * r['bwt']:+.2f}   FWT {100 * r['fwt']:+.2f}   "
+        f"forgetting {100 * r['forgetting']:.2f}",
+        f"params: backbone {p.get('backbone', 0):,}  head per task {p.get('head_per_task', 0):,}"
+        + "".join(f"  {k} per task {v:,}" for k, v in p.get("extra_per_task", {}).items()),
+        f"wall {r['wall_s']:.1f} s   train {r['train_s']:.1f} s   {r['steps_per_s']:.1f} steps/s",
+    ]
+    return "\n".join(lines)
+
+
+def compare_table(runs: Sequence[tuple[str, dict]]) -> str:
+    """One row per run: where, benchmark, method, scenario, ACC, BWT, FWT, forgetting, time."""
+    cols = ("run", "benchmark", "method", "scenario", "tasks", "ACC%", "BWT", "FWT", "forget", "wall_s")
+    rows = []
+    for where, r in runs:
+        rows.append((str(where), r["benchmark"], r["method"], r["scenario"], str(r["num_tasks"]),
+                     f"{100 * r['acc']:.2f}", f"{100 * r['bwt']:+.2f}", f"{100 * r['fwt']:+.2f}",
+                     f"{100 * r['forgetting']:.2f}", f"{r['wall_s']:.0f}"))
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)] if rows else [len(c) for c in cols]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 5 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*cols)] + [fmt.format(*row) for row in rows])

@@ -1,0 +1,45 @@
+"""Shared fixtures. Real data from ../shared/data is used when present and its tests
+are skipped (cleanly, with the reason) when it is not."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_configure(config):
+    # Keep the npz cache of the test session out of the user's ~/.cache.
+    os.environ.setdefault("JAXCL_CACHE_DIR", str(Path(config.rootpath) / ".pytest_cache" / "jaxcl-data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "mnist.npz").exists():
+        pytest.skip(f"real data not present at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def _quiet(**sets) -> list[str]:
+    """--set strings that silence progress bars, plots and TensorBoard, plus ``sets``."""
+    base = {"log.progress": "false", "log.plots": "false", "log.tensorboard": "false"}
+    base.update({k: str(v) for k, v in sets.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def make_config():
+    """``make_config(spec, **sets)``: a fast config (default: the embedded digits stream,
+    2 epochs) with progress bars, plots and TensorBoard off; ``sets`` are --set keys with
+    dots written as double underscores (``optimizer__lr=0.1``)."""
+    import jaxcl
+    from jaxcl import config as config_lib
+
+    def make(spec: str = "split_digits:method=finetune", **sets):
+        values = {"epochs": 2}
+        values.update({k.replace("__", "."): v for k, v in sets.items()})
+        return config_lib.override(jaxcl.get_config(spec), _quiet(**values))
+
+    return make

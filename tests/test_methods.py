@@ -1,0 +1,151 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxcl import data, methods, models, optim, train
+from jaxcl.config import override
+from jaxcl.methods import base
+
+
+def setup(make_config, method, **sets):
+    c = make_config(f"split_digits:method={method}", **sets)
+    stream = data.build(c)
+    model = models.build(c.model, stream.info)
+    m = methods.build(c, model, stream.info)
+    batch = next(data.batches(data.pool(stream, 0), 16))
+    state = m.init(jax.random.PRNGKey(0), batch["x"])
+    return c, stream, model, m, state, batch
+
+
+@pytest.mark.parametrize("name", methods.available())
+def test_every_method_follows_the_contract(make_config, name):
+    c, stream, model, m, state, batch = setup(make_config, name)
+    assert isinstance(m, base.Method) and m.name == name
+    for field in ("init", "begin_task", "loss", "after_step", "after_phase", "predict"):
+        assert callable(getattr(m, field)), field
+    assert m.consolidate is None or callable(m.consolidate)
+    assert m.phases and all(isinstance(n, str) and e >= 1 for n, e in m.phases)
+    assert m.data in ("current", "cumulative")
+    # trainable: a bool tree with the structure of params
+    assert jax.tree_util.tree_structure(state.trainable) == jax.tree_util.tree_structure(state.params)
+    assert all(x.dtype == bool for x in jax.tree_util.tree_leaves(state.trainable))
+    # everything is jittable with a traced task id, and the loss is finite
+    t = jnp.int32(0)
+    state = jax.jit(m.begin_task)(state, t)
+    loss, aux = jax.jit(m.loss, static_argnums=5)(state.params, state, batch, t, jax.random.PRNGKey(1), 0)
+    assert np.isfinite(loss)
+    logits = jax.jit(m.predict)(state, batch["x"], batch["task"])
+    assert logits.shape == (16, stream.info.num_outputs)
+    jax.jit(m.after_phase, static_argnums=2)(state, t, 0)
+
+
+def test_masking_after_the_optimizer_keeps_frozen_weights_bit_exact(make_config):
+    c, stream, model, m, state, batch = setup(make_config, "finetune", optimizer__momentum=0.9,
+                                              optimizer__weight_decay=0.01)
+    tx = optim.make(c.optimizer)
+    state = state.replace(opt_state=tx.init(state.params))
+    k = state.params["params"]["fc1"]["kernel"]
+    mask = np.zeros(k.shape, bool)
+    mask[:, ::2] = True  # per-element: half the columns trainable
+    trainable = jax.tree_util.tree_map(lambda _: jnp.ones((), bool), state.params)
+    trainable["params"]["fc1"]["kernel"] = jnp.asarray(mask)
+    trainable["params"]["fc2"]["bias"] = jnp.zeros((), bool)  # whole leaf frozen
+    state = state.replace(trainable=trainable)
+    before = jax.device_get(state.params)
+    step = jax.jit(train.make_train_step(m, tx, augment=False), static_argnums=3)
+    for i in range(5):
+        state, _ = step(state, batch, jnp.int32(0), 0)
+    after = jax.device_get(state.params)
+    k0, k1 = before["params"]["fc1"]["kernel"], after["params"]["fc1"]["kernel"]
+    assert np.array_equal(k0[~mask].view(np.uint32), k1[~mask].view(np.uint32))
+    assert not np.array_equal(k0[mask], k1[mask])
+    assert np.array_equal(before["params"]["fc2"]["bias"].view(np.uint32), after["params"]["fc2"]["bias"].view(np.uint32))
+    assert not np.array_equal(before["params"]["fc2"]["kernel"], after["params"]["fc2"]["kernel"])
+
+
+# ----------------------------------------------------------------------------- EWC
+
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_is_the_sum_of_per_task_quadratics(make_config):
+    c, stream, model, m, state, batch = setup(make_config, "ewc", method__ewc_lambda=10.0)
+    t0, t1, t2 = jnp.int32(0), jnp.int32(1), jnp.int32(2)
+    rng = jax.random.PRNGKey(0)
+    fisher = lambda s: jax.tree_util.tree_map(lambda a: a / s.extra["count"], s.extra["acc"])  # noqa: E731
+    # before any consolidated task the penalty is off, even away from the initial weights
+    moved = jax.tree_util.tree_map(lambda p: p + 0.1, state.params)
+    assert float(m.loss(moved, state, batch, t0, rng, 0)[1]["metrics"]["ewc_penalty"]) == 0.0
+    s = m.consolidate(m.consolidate(state, batch, t0, 0), batch, t0, 0)
+    f0, a0 = fisher(s), s.params
+    s = m.after_phase(s, t0, 0)
+    assert float(s.extra["count"]) == 0.0  # accumulator reset for the next task
+    _, aux = m.loss(s.params, s, batch, t1, rng, 0)
+    assert abs(float(aux["metrics"]["ewc_penalty"])) < 1e-9  # zero at the anchor
+    # a second task with another anchor: the closed form equals the per-task sum
+    s = s.replace(params=jax.tree_util.tree_map(lambda p: p - 0.05 * jnp.sign(p), s.params))
+    b2 = dict(batch, y=(batch["y"] + 1) % 2)
+    s = m.consolidate(s, b2, t1, 0)
+    f1, a1 = fisher(s), s.params
+    s = m.after_phase(s, t1, 0)
+    probe = jax.tree_util.tree_map(lambda p: p + 0.1 * jnp.cos(p * 37.0), state.params)
+    want = sum(float(jnp.sum(f * (p - a) ** 2))
+               for fk, ak in ((f0, a0), (f1, a1))
+               for f, p, a in zip(jax.tree_util.tree_leaves(fk), jax.tree_util.tree_leaves(probe),
+                                  jax.tree_util.tree_leaves(ak)))
+    loss, aux = m.loss(probe, s, batch, t2, rng, 0)
+    assert float(aux["metrics"]["ewc_penalty"]) == pytest.approx(want, rel=1e-4)
+    assert float(loss) == pytest.approx(float(aux["metrics"]["ce"]) + 10.0 * want, rel=1e-4)
+    # and so is its gradient: 2 sum_k F_k (theta - a_k)
+    g = jax.grad(lambda p: m.loss(p, s, batch, t2, rng, 0)[1]["metrics"]["ewc_penalty"])(probe)
+    g_want = jax.tree_util.tree_map(lambda p, fa, aa, fb, ab: 2 * (fa * (p - aa) + fb * (p - ab)), probe, f0, a0, f1, a1)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-8), g, g_want)
+
+
+def test_ewc_batch_fisher_is_the_mean_squared_batch_gradient(make_config):
+    c, stream, model, m, state, batch = setup(make_config, "ewc")
+    b2 = next(data.batches(data.pool(stream, 0), 16, np.arange(len(data.pool(stream, 0)))[::-1]))
+    t = jnp.int32(0)
+    s = m.after_phase(m.consolidate(m.consolidate(state, batch, t, 0), b2, t, 0), t, 0)
+
+    def ce(params, b):
+        logits = model.apply({**params, **state.model_state}, b["x"], t, False)
+        return base.cross_entropy(logits, b["y"], b["mask"])
+
+    g1, g2 = jax.grad(ce)(state.params, batch), jax.grad(ce)(state.params, b2)
+    want = jax.tree_util.tree_map(lambda a, b: (a ** 2 + b ** 2) / 2, g1, g2)
+    got = s.extra["importance"]  # after the first task: exactly F_0 ...
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), got, want)
+    anchor = s.extra["anchor"]  # ... anchored where task 0 ended (where F_0 > 0)
+    jax.tree_util.tree_map(lambda a, p, f: np.testing.assert_array_equal(a[f > 0], p[f > 0]), anchor, state.params, got)
+
+
+def test_ewc_empirical_fisher_is_the_mean_of_per_sample_squared_gradients(make_config):
+    c, stream, model, m, state, batch = setup(make_config, "ewc", method__fisher="empirical")
+    batch = dict(batch, mask=np.r_[np.ones(12), np.zeros(4)].astype(np.float32))  # 4 padded samples
+    t = jnp.int32(0)
+    s = m.after_phase(m.consolidate(state, batch, t, 0), t, 0)
+
+    def ce1(params, x, y):
+        return base.cross_entropy(model.apply({**params, **state.model_state}, x[None], t, False), y[None])
+
+    gs = [jax.grad(ce1)(state.params, batch["x"][i], batch["y"][i]) for i in range(12)]
+    want = jax.tree_util.tree_map(lambda *g: sum(x ** 2 for x in g) / 12, *gs)
+    got = s.extra["importance"]
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-10), got, want)
+
+
+def test_ewc_rejects_an_unknown_fisher_estimate(make_config):
+    with pytest.raises(ValueError, match="method.fisher: 'exact' is not one of batch, empirical"):
+        setup(make_config, "ewc", method__fisher="exact")
+
+
+def test_joint_trains_on_mixed_task_batches_with_per_sample_heads(make_config):
+    c, stream, model, m, state, batch = setup(make_config, "joint")
+    assert m.data == "cumulative"
+    mixed = next(data.batches(data.pool(stream, [0, 1, 2]), 64, data.epoch_order(len(data.pool(stream, [0, 1, 2])), 0, 1)))
+    assert len(set(mixed["task"].tolist())) > 1
+    g = jax.grad(lambda p: m.loss(p, state, mixed, jnp.int32(2), jax.random.PRNGKey(0), 0)[0])(state.params)
+    head = np.asarray(g["params"]["head"]["kernel"])
+    used = sorted(set(mixed["task"].tolist()))
+    assert all(np.abs(head[k]).sum() > 0 for k in used) and np.abs(head[3:]).sum() == 0

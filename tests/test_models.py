@@ -1,0 +1,99 @@
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcl import models
+from jaxcl.models import layers
+from jaxcl.models import _MODELS
+
+
+def n_params(model, shape):
+    v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape)))
+    return sum(x.size for x in jax.tree_util.tree_leaves(v["params"]))
+
+
+@pytest.mark.parametrize("name,classes,shape,expected", [
+    # figures from ../shared/peers/WORKLOADS.md and torchvision
+    ("reduced_resnet18", 10, (1, 32, 32, 3), 1_094_750),
+    ("resnet18_cifar", 10, (1, 32, 32, 3), 11_168_832 + 5_130),
+    ("resnet18", 1000, (1, 224, 224, 3), 11_689_512),
+    ("resnet50", 1000, (1, 224, 224, 3), 25_557_032),
+    ("mlp", 10, (1, 28, 28, 1), 784 * 400 + 400 + 400 * 400 + 400 + 4010),
+])
+def test_parameter_counts_match_the_reference_architectures(name, classes, shape, expected):
+    assert n_params(_MODELS[name](num_outputs=classes), shape) == expected
+
+
+def test_resnet_layout_and_names():
+    v = jax.eval_shape(lambda: _MODELS["reduced_resnet18"]().init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+    p = v["params"]
+    assert p["stem"]["conv"]["kernel"].shape == (3, 3, 3, 20)
+    assert "shortcut" not in p["layer1_0"] and p["layer2_0"]["shortcut"]["conv"]["kernel"].shape == (1, 1, 20, 40)
+    assert p["layer4_1"]["conv2"]["conv"]["kernel"].shape == (3, 3, 160, 160)
+    assert v["batch_stats"]["stem"]["norm"]["bn"]["mean"].shape == (20,)
+    convs = [k for k in jax.tree_util.tree_flatten_with_path(p)[0] if "conv" in jax.tree_util.keystr(k[0])
+             and k[0][-1].key == "kernel"]
+    assert len(convs) == 20  # 17 3x3 convs + 3 shortcuts
+
+
+def test_heads_mixed_batch_equals_per_task_and_masks_extra_classes():
+    m = models.MLP(hidden=(16,), num_heads=3, num_outputs=4, classes_per_head=(2, 4, 3))
+    v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 8)))
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 8))
+    t = jnp.array([0, 1, 2, 2, 1, 0])
+    mixed = m.apply(v, x, t)
+    per = jnp.concatenate([m.apply(v, x[i:i + 1], t[i]) for i in range(6)])
+    np.testing.assert_allclose(mixed, per, rtol=1e-6, atol=1e-6)
+    assert (mixed[0, 2:] < -1e8).all() and (mixed[2, 3] < -1e8) and (mixed[1] > -1e8).all()
+    jitted = jax.jit(m.apply)  # the task id is traced: one compile serves every task
+    for k in range(3):
+        jitted(v, x, jnp.int32(k))
+    assert jitted._cache_size() == 1
+
+
+def test_torch_style_init_bounds():
+    m = models.MLP(hidden=(50,), num_outputs=3)
+    p = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 200)))["params"]
+    bound = 1 / np.sqrt(200)
+    w = np.asarray(p["fc1"]["kernel"])
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
+    assert np.abs(np.asarray(p["fc1"]["bias"])).max() <= bound
+    f = models.MLP(hidden=(50,), num_outputs=3, weight_init="flax").init(jax.random.PRNGKey(0), jnp.zeros((1, 200)))
+    assert np.abs(np.asarray(f["params"]["fc1"]["bias"])).max() == 0.0
+
+
+class ScaledConv(layers.Conv):
+    """A method-style extension: a per-channel gain in its own collection."""
+
+    def post(self, y, task):
+        g = self.variable("extra", "gain", lambda: jnp.full((self.features,), 2.0))
+        return y * g.value
+
+
+def test_layers_take_extra_collections_without_copying_the_model():
+    base = _MODELS["reduced_resnet18"]()
+    ext = base.clone(conv=ScaledConv)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    vb = base.init(jax.random.PRNGKey(1), x)
+    ve = ext.init(jax.random.PRNGKey(1), x)
+    assert ve["extra"]["stem"]["conv"]["gain"].shape == (20,)
+    assert len(jax.tree_util.tree_leaves(ve["extra"])) == 20  # one per conv
+    # the plain model's parameters keep their names and shapes in the extended one
+    assert jax.tree_util.tree_structure(ve["params"]) == jax.tree_util.tree_structure(vb["params"])
+    # so plain weights load into it; with gain 1 it computes exactly what the plain model does
+    ones = jax.tree_util.tree_map(jnp.ones_like, ve["extra"])
+    out = ext.apply({"params": vb["params"], "batch_stats": vb["batch_stats"], "extra": ones}, x)
+    np.testing.assert_array_equal(out, base.apply(vb, x))
+    twos = ext.apply({"params": vb["params"], "batch_stats": vb["batch_stats"], "extra": ve["extra"]}, x)
+    assert not np.allclose(twos, out)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    m = _MODELS["reduced_resnet18"](dtype="bfloat16")
+    v = m.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(v["params"]))
+    assert m.apply(v, jnp.ones((2, 32, 32, 3))).dtype == jnp.float32

@@ -1,0 +1,136 @@
+import json
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import jaxcl
+from jaxcl import train
+from jaxcl.checkpoint import CheckpointError, Checkpointer
+
+
+def test_end_to_end_writes_every_artifact(make_config, tmp_path):
+    c = make_config("split_digits:method=ewc", log__plots="true", log__tensorboard="true", log__every_steps=5)
+    r = jaxcl.run(c, tmp_path, echo=lambda s: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("method", "benchmark", "scenario", "num_tasks", "accuracy_matrix", "acc", "bwt", "fwt", "forgetting",
+                "params", "wall_s", "config", "initial_accuracy", "steps_per_s"):
+        assert key in saved, key
+    R = np.asarray(saved["accuracy_matrix"])
+    assert R.shape == (5, 5) and ((0 <= R) & (R <= 1)).all()
+    assert saved["acc"] == pytest.approx(R[-1].mean())
+    assert saved["method"] == "ewc" and saved["benchmark"] == "split_digits" and saved["scenario"] == "task"
+    assert saved["params"]["backbone"] == 64 * 128 + 128 + 128 * 128 + 128 and saved["params"]["head_per_task"] == 258
+    assert saved["config"]["method"]["ewc_lambda"] == c.method.ewc_lambda
+    assert r["acc"] > 0.9  # task-incremental digits is easy: the run really learns
+    assert (tmp_path / "accuracy_matrix.png").stat().st_size > 1000
+    assert (tmp_path / "task_accuracy.png").stat().st_size > 1000
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kinds = {x["kind"] for x in lines}
+    assert kinds == {"train", "eval", "results"}
+    assert sum(x["kind"] == "eval" for x in lines) == 5
+    assert all(np.isfinite(x["loss"]) for x in lines if x["kind"] == "train")
+    assert Checkpointer(tmp_path / "checkpoints").latest() is not None
+
+
+def test_changing_task_does_not_recompile(make_config, tmp_path):
+    train.TRACES.clear()
+    jaxcl.run(make_config("split_digits:method=ewc", epochs=1), tmp_path, echo=lambda s: None)
+    assert train.TRACES["train_step"] == 1, train.TRACES
+    assert train.TRACES["eval_step"] == 1, train.TRACES
+
+
+def test_finetune_forgets_in_class_incremental_while_joint_does_not(make_config, tmp_path):
+    sets = dict(scenario="class", epochs=5)
+    ft = jaxcl.run(make_config("split_digits:method=finetune", **sets), tmp_path / "ft", echo=lambda s: None)
+    jt = jaxcl.run(make_config("split_digits:method=joint", **sets), tmp_path / "jt", echo=lambda s: None)
+    R_ft, R_jt = np.asarray(ft["accuracy_matrix"]), np.asarray(jt["accuracy_matrix"])
+    assert R_ft[-1, :-1].max() < 0.2 and R_ft[-1, -1] > 0.9  # only the last task survives
+    assert ft["acc"] < 0.3 and ft["forgetting"] > 0.7
+    assert jt["acc"] > 0.9 and jt["forgetting"] < 0.1
+
+
+def test_a_nan_loss_stops_the_run_naming_task_and_step(make_config, tmp_path):
+    c = make_config("split_digits:method=finetune", optimizer__lr=1e30, log__every_steps=3)
+    with pytest.raises(train.NonFiniteLossError, match=r"not finite .* at task 0, phase 'train', epoch 0: global step \d+"):
+        jaxcl.run(c, tmp_path, echo=lambda s: None)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_ends_with_the_same_results(make_config, tmp_path, monkeypatch):
+    c = make_config("split_digits:method=ewc", num_tasks=3, data__classes_per_task=3, epochs=3,
+                    checkpoint__every_steps=7, checkpoint__keep=3)
+    full = jaxcl.run(c, tmp_path / "full", echo=lambda s: None)
+
+    real_save = Checkpointer.save
+    calls = {"n": 0}
+
+    def dying_save(self, index, state, meta):
+        calls["n"] += 1
+        if calls["n"] == 6:  # dies mid-task: steps since the 5th checkpoint are lost
+            raise _Crash()
+        return real_save(self, index, state, meta)
+
+    monkeypatch.setattr(Checkpointer, "save", dying_save)
+    with pytest.raises(_Crash):
+        jaxcl.run(c, tmp_path / "cut", echo=lambda s: None)
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    meta = Checkpointer(tmp_path / "cut" / "checkpoints").read_meta()
+    assert meta["position"]["task"] < 3 and len(meta["record"]["accuracy_matrix"]) < 3  # really cut short
+    with pytest.raises(train.RunError, match="already holds checkpoints; pass --resume"):
+        jaxcl.run(c, tmp_path / "cut", echo=lambda s: None)
+    messages = []
+    resumed = jaxcl.run(c, tmp_path / "cut", resume=True, echo=messages.append)
+    assert messages[0].startswith("resuming from")
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    assert resumed["train_steps"] == full["train_steps"]
+    a = ocp.StandardCheckpointer().restore(_last(tmp_path / "full"))
+    b = ocp.StandardCheckpointer().restore(_last(tmp_path / "cut"))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)  # bit-identical final state
+
+
+def _last(workdir):
+    ck = Checkpointer(workdir / "checkpoints")
+    return ck.directory / str(ck.latest()) / "state"
+
+
+def test_a_checkpoint_from_another_config_is_refused(make_config, tmp_path):
+    c = make_config("split_digits:method=finetune", epochs=1, num_tasks=2)
+    jaxcl.run(c, tmp_path, echo=lambda s: None)
+    other = jaxcl.config.override(c, ["optimizer.lr=0.5"])
+    with pytest.raises(CheckpointError, match=r"different config:\n  optimizer.lr: 0.01 in the checkpoint, 0.5 now"):
+        jaxcl.run(other, tmp_path, resume=True, echo=lambda s: None)
+    # logging settings do not change results: resuming under them is allowed
+    jaxcl.run(jaxcl.config.override(c, ["log.every_steps=3"]), tmp_path, resume=True, echo=lambda s: None)
+
+
+def test_a_damaged_checkpoint_is_refused_with_a_clear_message(make_config, tmp_path):
+    c = make_config("split_digits:method=finetune", epochs=1, num_tasks=2)
+    jaxcl.run(c, tmp_path, echo=lambda s: None)
+    ck = Checkpointer(tmp_path / "checkpoints")
+    state_dir = ck.directory / str(ck.latest()) / "state"
+    for f in state_dir.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "d" in f.parent.name:
+            f.write_bytes(b"\0garbage" * 16)
+    with pytest.raises(CheckpointError, match="is damaged or unreadable"):
+        jaxcl.run(c, tmp_path, resume=True, echo=lambda s: None)
+    shutil.rmtree(ck.directory / str(ck.latest()) / "meta")
+    with pytest.raises(CheckpointError, match="is damaged or unreadable"):
+        jaxcl.run(c, tmp_path, resume=True, echo=lambda s: None)
+
+
+def test_online_mode_makes_one_pass(make_config, tmp_path):
+    c = make_config("split_digits:method=finetune", online="true", epochs=5, batch_size=10)
+    r = jaxcl.run(c, tmp_path, echo=lambda s: None)
+    assert r["train_steps"] == sum(n // 10 for n in r["stream"]["train_sizes"])
+
+
+def test_batch_larger_than_a_task_is_refused(make_config, tmp_path):
+    with pytest.raises(jaxcl.DataError, match="batch_size=4096 is larger than the smallest task"):
+        jaxcl.run(make_config(batch_size=4096), tmp_path, echo=lambda s: None)
