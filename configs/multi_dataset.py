@@ -2,7 +2,7 @@
 brought to 32x32x3 (greyscale zero-padded and repeated), task-incremental, small CNN,
 SGD lr 0.01 momentum 0.9, batch 64, 2 epochs.
 
-    jaxcl run multi_dataset:method=ewc            # ~15 min on 2 CPU cores
+    jaxcl run multi_dataset:method=ewc            # ~13 min on 2 CPU cores
 Needs mnist.npz, fashion_mnist.npz and cifar10.npz in data.dir / $JAXCL_DATA_DIR (or TFDS).
 """
 from jaxcl import config as cfglib

@@ -2,7 +2,7 @@
 GEM/La-MAML/NCCL (width 20), SGD lr 0.03 momentum 0.9, batch 32, 5 epochs, random crop
 and flip.
 
-    jaxcl run split_cifar10:method=ewc            # ~40 min on 2 CPU cores; minutes on a GPU
+    jaxcl run split_cifar10:method=ewc            # ~25 min on 2 CPU cores; minutes on a GPU
 Needs cifar10.npz in data.dir / $JAXCL_DATA_DIR, or TFDS's cifar10.
 """
 from jaxcl import config as cfglib

@@ -1,7 +1,7 @@
 """Split-Digits, the embedded default: scikit-learn's 8x8 digits (1,797 real images, no
 download) cut into 5 tasks of 2 classes, task-incremental, MLP 2x128.
 
-    jaxcl run                                     # = split_digits, method ewc; ~15 s on 2 CPU cores
+    jaxcl run                                     # = split_digits, method ewc; ~10 s on 2 CPU cores
     jaxcl run split_digits:method=finetune --set scenario=class
 """
 from jaxcl import config as cfglib

@@ -1,7 +1,7 @@
 """Split-MNIST: MNIST's 10 digits in 5 tasks of 2 (0/1, 2/3, ...), task-incremental.
 Hsu et al. (2018) setting: MLP 2x400, Adam lr 1e-3, batch 128, 4 epochs per task.
 
-    jaxcl run split_mnist:method=ewc              # ~1 min on 2 CPU cores
+    jaxcl run split_mnist:method=ewc              # ~10 s on 2 CPU cores
     jaxcl run split_mnist:method=finetune --set scenario=class
 Needs mnist.npz in data.dir / $JAXCL_DATA_DIR, or TFDS's mnist.
 """

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -65,10 +66,8 @@ def cmd_list(args) -> int:
         print(f"  {m:<18} {methods.describe(m)}")
     print("benchmarks (configs):")
     for b in configs.list_benchmarks():
-        import importlib
-
-        doc = (importlib.import_module(f"jaxcl.configs.{b}").__doc__ or "").strip().splitlines()
-        print(f"  {b:<18} {doc[0] if doc else ''}")
+        doc = importlib.import_module(f"jaxcl.configs.{b}").__doc__
+        print(f"  {b:<18} {methods.first_sentence(doc)}")
     print("models:")
     for m in models.available():
         print(f"  {m:<18} {models.DESCRIPTIONS.get(m, '')}")

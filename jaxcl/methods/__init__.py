@@ -25,9 +25,16 @@ def build(config, model, info) -> Method:
     return importlib.import_module(f"jaxcl.methods.{name}").make(config, model, info)
 
 
+def first_sentence(doc: str | None, limit: int = 100) -> str:
+    """The first sentence of a docstring's first paragraph, for one-line listings."""
+    para = " ".join((doc or "").strip().split("\n\n")[0].split())
+    end = para.find(". ")
+    text = para if end < 0 else para[: end + 1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def describe(name: str) -> str:
-    doc = importlib.import_module(f"jaxcl.methods.{name}").__doc__ or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    return first_sentence(importlib.import_module(f"jaxcl.methods.{name}").__doc__)
 
 
 __all__ = ["Method", "State", "available", "build", "describe"]
