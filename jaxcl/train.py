@@ -230,8 +230,9 @@ def run(config, workdir: str | Path, *, resume: bool = False, echo: Callable[[st
             for p in range(pos.phase if pos.task == t else 0, len(method.phases)):
                 phase_name, epochs = method.phases[p]
                 first_epoch = pos.epoch if (pos.task, pos.phase) == (t, p) else 0
-                bar = tqdm(total=(epochs - first_epoch) * per_epoch, disable=None if config.log.progress else True, leave=False,
-                           desc=f"task {t + 1}/{num_tasks} {phase_name}", unit="step", dynamic_ncols=True)
+                bar = tqdm(total=(epochs - first_epoch) * per_epoch, desc=f"task {t + 1}/{num_tasks} {phase_name}",
+                           unit="step", leave=False, dynamic_ncols=True,
+                           disable=None if config.log.progress else True)  # None: only on a terminal
                 clock["phase"] = time.perf_counter()
                 for e in range(first_epoch, epochs):
                     if hasattr(state.opt_state, "hyperparams"):

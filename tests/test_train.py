@@ -110,6 +110,9 @@ def test_a_checkpoint_from_another_config_is_refused(make_config, tmp_path):
     jaxcl.run(jaxcl.config.override(c, ["log.every_steps=3"]), tmp_path, resume=True, echo=lambda s: None)
 
 
+# Orbax's tensorstore reader leaves an asyncio callback behind when a read fails; it is
+# reported when garbage-collected, after our error was raised. Not ours to fix here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_checkpoint_is_refused_with_a_clear_message(make_config, tmp_path):
     c = make_config("split_digits:method=finetune", epochs=1, num_tasks=2)
     jaxcl.run(c, tmp_path, echo=lambda s: None)
