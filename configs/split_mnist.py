@@ -3,6 +3,7 @@ Hsu et al. (2018) setting: MLP 2x400, Adam lr 1e-3, batch 128, 4 epochs per task
 
     jaxcl run split_mnist:method=ewc              # ~10 s on 2 CPU cores
     jaxcl run split_mnist:method=finetune --set scenario=class
+    jaxcl run split_mnist:method=packnet          # ~15 s on 2 CPU cores
 Needs mnist.npz in data.dir / $JAXCL_DATA_DIR, or TFDS's mnist.
 """
 from jaxcl import config as cfglib
@@ -22,4 +23,8 @@ def get_config(arg=None):
     c.model.hidden = (400, 400)
     c.optimizer.name = "adam"
     c.optimizer.lr = 1e-3
-    return cfglib.finalize(c, arg, {"ewc": {"method.ewc_lambda": 5000.0}})
+    return cfglib.finalize(c, arg, {
+        "ewc": {"method.ewc_lambda": 5000.0},
+        # equal shares: each task keeps 1/(tasks left) of what is free, the last keeps the rest
+        "packnet": {"method.prune": (0.8, 0.75, 2 / 3, 0.5, -1.0), "method.retrain_epochs": 1},
+    })

@@ -99,3 +99,63 @@ def _zip_with_path(a, b):
     pa, _ = jax.tree_util.tree_flatten_with_path(a)
     lb = jax.tree_util.tree_leaves(b)
     return [(p, (x, y)) for (p, x), y in zip(pa, lb)]
+
+
+# ----------------------------------------------------------------------------- parameter surgery
+
+
+def load_state(path: str | Path) -> dict:
+    """The newest saved State of a jaxcl run as nested dicts of numpy arrays. ``path``
+    is a run's workdir, its ``checkpoints/`` folder, or one numbered checkpoint."""
+    path = Path(path)
+    for candidate in (path / "checkpoints", path):
+        if candidate.is_dir() and any(p.name.isdigit() for p in candidate.iterdir()):
+            ck = Checkpointer(candidate)
+            try:
+                return _restore_raw(ck.directory / str(ck.latest()) / "state", ck.latest())
+            finally:
+                ck.close()
+    if (path / "state").is_dir():
+        return _restore_raw(path / "state", path.name)
+    raise CheckpointError(f"{path}: no jaxcl checkpoint found (expected a run's workdir or checkpoints folder)")
+
+
+def _restore_raw(state_dir: Path, index) -> dict:
+    try:
+        return ocp.StandardCheckpointer().restore(state_dir.absolute())
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {state_dir.parent} is damaged or unreadable "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def graft(dst, src, skip: tuple = ("head",), _path: str = ""):
+    """``dst`` with every leaf that ``src`` has at the same path (and shape) copied
+    from ``src``; subtrees named in ``skip`` are kept. A plain batch norm in ``src``
+    (``bn/{scale,bias,mean,var}``) fills every task's row of a TaskNorm in ``dst``.
+    Returns (tree, number of arrays copied); a shape mismatch is an error."""
+    if not isinstance(dst, dict) or not isinstance(src, dict):
+        raise CheckpointError(f"{_path or 'tree'}: cannot graft a {type(src).__name__} onto a {type(dst).__name__}")
+    out, copied = dict(dst), 0
+    if "bn" in src and any(k.startswith("task_") for k in dst):
+        names = {"task_scale": "scale", "task_bias": "bias", "task_mean": "mean", "task_var": "var"}
+        for k, v in dst.items():
+            if names.get(k) in src["bn"]:
+                row = src["bn"][names[k]]
+                if tuple(row.shape) != tuple(v.shape[1:]):
+                    raise CheckpointError(f"{_path}/{k}: pretrained {tuple(row.shape)} vs {tuple(v.shape[1:])} per task")
+                out[k] = jax.numpy.broadcast_to(jax.numpy.asarray(row, v.dtype), v.shape)
+                copied += 1
+        return out, copied
+    for k, v in dst.items():
+        if k in skip or k not in src:
+            continue
+        if isinstance(v, dict):
+            out[k], n = graft(v, src[k], skip, f"{_path}/{k}")
+            copied += n
+        else:
+            if tuple(src[k].shape) != tuple(v.shape):
+                raise CheckpointError(f"{_path}/{k}: the pretrained array has shape {tuple(src[k].shape)}, "
+                                      f"this model needs {tuple(v.shape)}")
+            out[k] = jax.numpy.asarray(src[k], v.dtype)
+            copied += 1
+    return out, copied

@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.classes_per_task = 2  # split streams
     c.data.class_order = ()  # split streams: explicit order of the classes
     c.data.shuffle_classes = False  # split streams: class order drawn from the seed
+    c.data.superclass_tasks = False  # split streams: one task per superclass (CIFAR-100 coarse labels)
     c.data.datasets = ()  # multi streams: one dataset per task
     c.data.angles = ()  # rotated streams: degrees per task (default: evenly spaced)
     c.data.max_angle = 180.0
@@ -67,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.width = 0  # resnets and cnn: base width (0: the model's own default)
     c.model.init = "torch"  # torch (PyTorch module defaults) | flax
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+    c.model.pretrained = ""  # a jaxcl run (workdir) whose trunk (all but the heads) initialises this one
 
     c.method = ml_collections.ConfigDict()
     c.method.name = "finetune"
@@ -84,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.schedule = "constant"  # constant | step | cosine, stepped per epoch
     c.optimizer.milestones = ()  # step schedule: epochs at which lr *= gamma
     c.optimizer.gamma = 0.1
-    c.optimizer.reset_per_task = True  # fresh optimizer state at each task
+    c.optimizer.reset_per_task = True  # fresh optimizer state at each task (and each later phase of it)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 0  # also save every N train steps (0: after each task only)

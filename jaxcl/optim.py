@@ -34,8 +34,12 @@ def make(cfg) -> optax.GradientTransformation:
     return optax.inject_hyperparams(build)(learning_rate=cfg.lr)
 
 
-def lr_at(cfg, epoch: int, epochs: int) -> float:
-    """Learning rate of ``epoch`` (0-based) of a phase of ``epochs`` epochs."""
+def lr_at(cfg, epoch: int, epochs: int, phase=None) -> float:
+    """Learning rate of ``epoch`` (0-based) of a phase of ``epochs`` epochs: the
+    phase's own (``phase.lr`` decayed by ``cfg.gamma`` at ``phase.milestones``) when it
+    sets one, else ``cfg``'s schedule."""
+    if phase is not None and phase.lr is not None:
+        return phase.lr * cfg.gamma ** sum(epoch >= m for m in phase.milestones)
     if cfg.schedule == "step":
         return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     if cfg.schedule == "cosine":

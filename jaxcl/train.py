@@ -58,9 +58,10 @@ class Position:
 
 
 def make_train_step(method: methods.Method, tx, augment: bool) -> Callable:
-    """``(state, batch, task, phase) -> (state, metrics)``; ``task`` is traced."""
+    """``(state, batch, task, phase) -> (state, metrics)``; ``task`` is traced, ``phase``
+    (the phase's name) is static: one compiled step per kind of phase, for every task."""
 
-    def train_step(state: State, batch: dict, task: jax.Array, phase: int):
+    def train_step(state: State, batch: dict, task: jax.Array, phase: str):
         TRACES["train_step"] += 1
         rng = jax.random.fold_in(state.rng, state.step)
         if augment:
@@ -99,6 +100,18 @@ def make_eval_step(method: methods.Method) -> Callable:
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+def _load_pretrained(state: State, path: str, sharding_, echo) -> State:
+    """Initialise the trunk (every parameter but the heads, and the batch statistics)
+    from the newest checkpoint of the jaxcl run in ``path``."""
+    src = ckpt_lib.load_state(path)
+    params, n_params = ckpt_lib.graft(state.params, src.get("params", {}))
+    model_state, n_stats = ckpt_lib.graft(state.model_state, src.get("model_state", {}))
+    if n_params == 0:
+        raise ckpt_lib.CheckpointError(f"model.pretrained={path}: no parameter of this model found in it")
+    echo(f"initialised {n_params} parameter arrays and {n_stats} statistics arrays from {path}")
+    return jax.device_put(state.replace(params=params, model_state=model_state), sharding_)
 
 
 def run(config, workdir: str | Path, *, resume: bool = False, echo: Callable[[str], None] = print) -> dict:
@@ -166,6 +179,8 @@ def run(config, workdir: str | Path, *, resume: bool = False, echo: Callable[[st
             if resume:
                 echo(f"no checkpoint in {workdir}; starting from the beginning")
             state = init_fn(key)
+            if config.model.pretrained:
+                state = _load_pretrained(state, config.model.pretrained, replicated, echo)
             pos = Position()
             record = {"accuracy_matrix": [], "initial_accuracy": None, "wall_s": 0.0, "train_s": 0.0,
                       "saves": 0, "task_start_step": 0}
@@ -220,30 +235,39 @@ def run(config, workdir: str | Path, *, resume: bool = False, echo: Callable[[st
         for t in range(pos.task, num_tasks):
             task_id = jnp.int32(t)
             if pos == Position(t, 0, 0, 0):
+                shapes = jax.tree_util.tree_map(jnp.shape, state)
                 state = begin_task(state, task_id)
+                if jax.tree_util.tree_map(jnp.shape, state) != shapes:
+                    raise RuntimeError(f"method {method.name}: begin_task changed the shapes of the State; "
+                                       "init must allocate every array at its final shape")
                 if config.optimizer.reset_per_task and t > 0:
                     state = state.replace(opt_state=reset_opt(state.params))
                 record["task_start_step"] = step
             train_pool = data.pool(stream, range(t + 1) if method.data == "cumulative" else t, "train",
                                    config.data.normalize)
             per_epoch = data.num_batches(len(train_pool), config.batch_size, drop_last=True)
-            for p in range(pos.phase if pos.task == t else 0, len(method.phases)):
-                phase_name, epochs = method.phases[p]
-                first_epoch = pos.epoch if (pos.task, pos.phase) == (t, p) else 0
+            phases = method.phases(t)
+            for p in range(pos.phase if pos.task == t else 0, len(phases)):
+                phase = phases[p]
+                phase_name, epochs = phase.name, phase.epochs
+                resumed_here = (pos.task, pos.phase) == (t, p)
+                if p > 0 and not resumed_here and config.optimizer.reset_per_task:
+                    state = state.replace(opt_state=reset_opt(state.params))  # fresh optimizer per phase
+                first_epoch = pos.epoch if resumed_here else 0
                 bar = tqdm(total=(epochs - first_epoch) * per_epoch, desc=f"task {t + 1}/{num_tasks} {phase_name}",
                            unit="step", leave=False, dynamic_ncols=True,
                            disable=None if config.log.progress else True)  # None: only on a terminal
                 clock["phase"] = time.perf_counter()
                 for e in range(first_epoch, epochs):
                     if hasattr(state.opt_state, "hyperparams"):
-                        lr = optim.lr_at(config.optimizer, e, epochs)
+                        lr = optim.lr_at(config.optimizer, e, epochs, phase)
                         state = state.replace(opt_state=jax.device_put(optim.with_lr(state.opt_state, lr), replicated))
                     start = pos.batch if pos == Position(t, p, e, pos.batch) else 0
                     order = data.epoch_order(len(train_pool), config.seed, t, p, e)
                     window = []
                     for b, batch in enumerate(data.batches(train_pool, config.batch_size, order, drop_last=True,
                                                            start=start), start):
-                        state, m = train_step(state, sharding.shard_batch(batch, mesh), task_id, p)
+                        state, m = train_step(state, sharding.shard_batch(batch, mesh), task_id, phase_name)
                         step += 1
                         window.append(m)
                         if len(window) == every_log or b == per_epoch - 1:
@@ -261,8 +285,8 @@ def run(config, workdir: str | Path, *, resume: bool = False, echo: Callable[[st
                 clock["phase"] = None
                 if consolidate is not None:
                     for batch in data.batches(data.pool(stream, t, "train", config.data.normalize), config.batch_size):
-                        state = consolidate(state, sharding.shard_batch(batch, mesh), task_id, p)
-                state = after_phase(state, task_id, p)
+                        state = consolidate(state, sharding.shard_batch(batch, mesh), task_id, phase_name)
+                state = after_phase(state, task_id, phase_name)
             row = evaluate(state)
             record["accuracy_matrix"].append(row)
             seen = float(np.mean(row[: t + 1]))
@@ -288,6 +312,9 @@ def run(config, workdir: str | Path, *, resume: bool = False, echo: Callable[[st
             "initial_accuracy": record["initial_accuracy"],
             **metrics.summary(R, record["initial_accuracy"]),
             "params": metrics.param_counts(state.params, num_tasks, info.num_heads),
+            "method_report": jax.tree_util.tree_map(
+                lambda v: v.tolist() if hasattr(v, "tolist") else v,
+                jax.device_get(method.report(state))) if method.report else {},
             "wall_s": record["wall_s"],
             "train_s": record["train_s"],
             "train_steps": step,

@@ -26,19 +26,23 @@ def test_every_method_follows_the_contract(make_config, name):
     for field in ("init", "begin_task", "loss", "after_step", "after_phase", "predict"):
         assert callable(getattr(m, field)), field
     assert m.consolidate is None or callable(m.consolidate)
-    assert m.phases and all(isinstance(n, str) and e >= 1 for n, e in m.phases)
+    phases = m.phases(0)
+    assert phases and all(isinstance(ph, base.Phase) and ph.epochs >= 1 for ph in phases)
     assert m.data in ("current", "cumulative")
     # trainable: a bool tree with the structure of params
     assert jax.tree_util.tree_structure(state.trainable) == jax.tree_util.tree_structure(state.params)
     assert all(x.dtype == bool for x in jax.tree_util.tree_leaves(state.trainable))
     # everything is jittable with a traced task id, and the loss is finite
     t = jnp.int32(0)
+    shapes = jax.tree_util.tree_map(jnp.shape, state)
     state = jax.jit(m.begin_task)(state, t)
-    loss, aux = jax.jit(m.loss, static_argnums=5)(state.params, state, batch, t, jax.random.PRNGKey(1), 0)
+    assert jax.tree_util.tree_map(jnp.shape, state) == shapes, "init must allocate the final shapes"
+    loss, aux = jax.jit(m.loss, static_argnums=5)(state.params, state, batch, t, jax.random.PRNGKey(1), m.phases(0)[0].name)
     assert np.isfinite(loss)
     logits = jax.jit(m.predict)(state, batch["x"], batch["task"])
     assert logits.shape == (16, stream.info.num_outputs)
-    jax.jit(m.after_phase, static_argnums=2)(state, t, 0)
+    after = jax.jit(m.after_phase, static_argnums=2)(state, t, m.phases(0)[0].name)
+    assert jax.tree_util.tree_map(jnp.shape, after) == shapes
 
 
 def test_masking_after_the_optimizer_keeps_frozen_weights_bit_exact(make_config):
@@ -56,7 +60,7 @@ def test_masking_after_the_optimizer_keeps_frozen_weights_bit_exact(make_config)
     before = jax.device_get(state.params)
     step = jax.jit(train.make_train_step(m, tx, augment=False), static_argnums=3)
     for i in range(5):
-        state, _ = step(state, batch, jnp.int32(0), 0)
+        state, _ = step(state, batch, jnp.int32(0), "train")
     after = jax.device_get(state.params)
     k0, k1 = before["params"]["fc1"]["kernel"], after["params"]["fc1"]["kernel"]
     assert np.array_equal(k0[~mask].view(np.uint32), k1[~mask].view(np.uint32))
@@ -75,29 +79,29 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_is_the_sum_of_per_task_quadratics
     fisher = lambda s: jax.tree_util.tree_map(lambda a: a / s.extra["count"], s.extra["acc"])  # noqa: E731
     # before any consolidated task the penalty is off, even away from the initial weights
     moved = jax.tree_util.tree_map(lambda p: p + 0.1, state.params)
-    assert float(m.loss(moved, state, batch, t0, rng, 0)[1]["metrics"]["ewc_penalty"]) == 0.0
-    s = m.consolidate(m.consolidate(state, batch, t0, 0), batch, t0, 0)
+    assert float(m.loss(moved, state, batch, t0, rng, "train")[1]["metrics"]["ewc_penalty"]) == 0.0
+    s = m.consolidate(m.consolidate(state, batch, t0, "train"), batch, t0, "train")
     f0, a0 = fisher(s), s.params
-    s = m.after_phase(s, t0, 0)
+    s = m.after_phase(s, t0, "train")
     assert float(s.extra["count"]) == 0.0  # accumulator reset for the next task
-    _, aux = m.loss(s.params, s, batch, t1, rng, 0)
+    _, aux = m.loss(s.params, s, batch, t1, rng, "train")
     assert abs(float(aux["metrics"]["ewc_penalty"])) < 1e-9  # zero at the anchor
     # a second task with another anchor: the closed form equals the per-task sum
     s = s.replace(params=jax.tree_util.tree_map(lambda p: p - 0.05 * jnp.sign(p), s.params))
     b2 = dict(batch, y=(batch["y"] + 1) % 2)
-    s = m.consolidate(s, b2, t1, 0)
+    s = m.consolidate(s, b2, t1, "train")
     f1, a1 = fisher(s), s.params
-    s = m.after_phase(s, t1, 0)
+    s = m.after_phase(s, t1, "train")
     probe = jax.tree_util.tree_map(lambda p: p + 0.1 * jnp.cos(p * 37.0), state.params)
     want = sum(float(jnp.sum(f * (p - a) ** 2))
                for fk, ak in ((f0, a0), (f1, a1))
                for f, p, a in zip(jax.tree_util.tree_leaves(fk), jax.tree_util.tree_leaves(probe),
                                   jax.tree_util.tree_leaves(ak)))
-    loss, aux = m.loss(probe, s, batch, t2, rng, 0)
+    loss, aux = m.loss(probe, s, batch, t2, rng, "train")
     assert float(aux["metrics"]["ewc_penalty"]) == pytest.approx(want, rel=1e-4)
     assert float(loss) == pytest.approx(float(aux["metrics"]["ce"]) + 10.0 * want, rel=1e-4)
     # and so is its gradient: 2 sum_k F_k (theta - a_k)
-    g = jax.grad(lambda p: m.loss(p, s, batch, t2, rng, 0)[1]["metrics"]["ewc_penalty"])(probe)
+    g = jax.grad(lambda p: m.loss(p, s, batch, t2, rng, "train")[1]["metrics"]["ewc_penalty"])(probe)
     g_want = jax.tree_util.tree_map(lambda p, fa, aa, fb, ab: 2 * (fa * (p - aa) + fb * (p - ab)), probe, f0, a0, f1, a1)
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-8), g, g_want)
 
@@ -106,7 +110,7 @@ def test_ewc_batch_fisher_is_the_mean_squared_batch_gradient(make_config):
     c, stream, model, m, state, batch = setup(make_config, "ewc")
     b2 = next(data.batches(data.pool(stream, 0), 16, np.arange(len(data.pool(stream, 0)))[::-1]))
     t = jnp.int32(0)
-    s = m.after_phase(m.consolidate(m.consolidate(state, batch, t, 0), b2, t, 0), t, 0)
+    s = m.after_phase(m.consolidate(m.consolidate(state, batch, t, "train"), b2, t, "train"), t, "train")
 
     def ce(params, b):
         logits = model.apply({**params, **state.model_state}, b["x"], t, False)
@@ -124,7 +128,7 @@ def test_ewc_empirical_fisher_is_the_mean_of_per_sample_squared_gradients(make_c
     c, stream, model, m, state, batch = setup(make_config, "ewc", method__fisher="empirical")
     batch = dict(batch, mask=np.r_[np.ones(12), np.zeros(4)].astype(np.float32))  # 4 padded samples
     t = jnp.int32(0)
-    s = m.after_phase(m.consolidate(state, batch, t, 0), t, 0)
+    s = m.after_phase(m.consolidate(state, batch, t, "train"), t, "train")
 
     def ce1(params, x, y):
         return base.cross_entropy(model.apply({**params, **state.model_state}, x[None], t, False), y[None])
@@ -145,7 +149,7 @@ def test_joint_trains_on_mixed_task_batches_with_per_sample_heads(make_config):
     assert m.data == "cumulative"
     mixed = next(data.batches(data.pool(stream, [0, 1, 2]), 64, data.epoch_order(len(data.pool(stream, [0, 1, 2])), 0, 1)))
     assert len(set(mixed["task"].tolist())) > 1
-    g = jax.grad(lambda p: m.loss(p, state, mixed, jnp.int32(2), jax.random.PRNGKey(0), 0)[0])(state.params)
+    g = jax.grad(lambda p: m.loss(p, state, mixed, jnp.int32(2), jax.random.PRNGKey(0), "train")[0])(state.params)
     head = np.asarray(g["params"]["head"]["kernel"])
     used = sorted(set(mixed["task"].tolist()))
     assert all(np.abs(head[k]).sum() > 0 for k in used) and np.abs(head[3:]).sum() == 0

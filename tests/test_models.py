@@ -97,3 +97,26 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     v = m.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)))
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(v["params"]))
     assert m.apply(v, jnp.ones((2, 32, 32, 3))).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_norm_and_task_norm_compute_what_flax_batchnorm_computes(train):
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 5, 5, 4)) * 3 + 1
+    ref = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    vr = ref.init(jax.random.PRNGKey(0), x)
+    vr = {"params": {"scale": jnp.arange(4.0) + 1, "bias": jnp.ones(4) * 0.5},
+          "batch_stats": {"mean": jnp.ones(4) * 0.2, "var": jnp.ones(4) * 1.5}}
+    yr, sr = ref.apply(vr, x, mutable=["batch_stats"])
+    ours = layers.Norm()
+    vo = {"params": {"bn": vr["params"]}, "batch_stats": {"bn": vr["batch_stats"]}}
+    yo, so = ours.apply(vo, x, None, train, mutable=["batch_stats"])
+    np.testing.assert_array_equal(yo, yr)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, so["batch_stats"]["bn"], sr["batch_stats"])
+    tn = layers.TaskNorm(3)
+    row = lambda v: jnp.stack([v * 0, v, v * 0])  # noqa: E731  task 1 holds the values
+    vt = {"params": {"task_scale": row(vr["params"]["scale"]), "task_bias": row(vr["params"]["bias"])},
+          "batch_stats": {"task_mean": row(vr["batch_stats"]["mean"]), "task_var": row(vr["batch_stats"]["var"])}}
+    yt, st = tn.apply(vt, x, jnp.int32(1), train, mutable=["batch_stats"])
+    np.testing.assert_array_equal(yt, yr)
+    np.testing.assert_array_equal(st["batch_stats"]["task_mean"][1], sr["batch_stats"]["mean"])
+    np.testing.assert_array_equal(st["batch_stats"]["task_mean"][0], vt["batch_stats"]["task_mean"][0])

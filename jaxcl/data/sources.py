@@ -35,14 +35,17 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    coarse_train: np.ndarray | None = None  # superclass of each sample (CIFAR-100), if known
+    coarse_test: np.ndarray | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.x_train.shape[1:])
 
 
-def checked(name, x_train, y_train, x_test, y_test, num_classes=None) -> Dataset:
-    """Bring arrays to NHWC uint8 / int32 and refuse inconsistent ones by name."""
+def checked(name, x_train, y_train, x_test, y_test, num_classes=None, coarse=None) -> Dataset:
+    """Bring arrays to NHWC uint8 / int32 and refuse inconsistent ones by name.
+    ``coarse``: optional (train, test) superclass labels."""
     arrays = {}
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         x, y = np.asarray(x), np.asarray(y)
@@ -72,6 +75,13 @@ def checked(name, x_train, y_train, x_test, y_test, num_classes=None) -> Dataset
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
         raise DataError(f"{name}: labels out of range: found {lo}..{hi}, expected 0..{num_classes - 1}")
+    if coarse is not None:
+        coarse = tuple(np.asarray(c, np.int32) for c in coarse)
+        for split, c, (_, y) in zip(("train", "test"), coarse, (arrays["train"], arrays["test"])):
+            if c.shape != y.shape:
+                raise DataError(f"{name}: {len(c)} superclass labels for {len(y)} {split} samples")
+        return Dataset(name, *arrays["train"], *arrays["test"], num_classes=int(num_classes),
+                       coarse_train=coarse[0], coarse_test=coarse[1])
     return Dataset(name, *arrays["train"], *arrays["test"], num_classes=int(num_classes))
 
 
@@ -135,7 +145,9 @@ def load_npz(path: Path, name: str | None = None) -> Dataset:
     key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     cache = _cache_root() / f"{name}-{key}"
     keys = ("x_train", "y_train", "x_test", "y_test")
+    optional = ("y_train_coarse", "y_test_coarse")  # CIFAR-100 superclasses, as shared/data's README asks
     if all((cache / f"{k}.npy").exists() for k in keys):
+        keys += tuple(k for k in optional if (cache / f"{k}.npy").exists())
         arrays = [np.load(cache / f"{k}.npy", mmap_mode="r") for k in keys]
     else:
         try:
@@ -143,6 +155,7 @@ def load_npz(path: Path, name: str | None = None) -> Dataset:
                 missing = [k for k in keys if k not in f.files]
                 if missing:
                     raise DataError(f"{path}: missing array(s) {', '.join(missing)}; has {', '.join(f.files)}")
+                keys += tuple(k for k in optional if k in f.files)
                 arrays = [f[k] for k in keys]
         except DataError:
             raise
@@ -158,7 +171,7 @@ def load_npz(path: Path, name: str | None = None) -> Dataset:
             pass  # a read-only cache, or another process filled it first: not an error
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return checked(name, *arrays)
+    return checked(name, *arrays[:4], coarse=tuple(arrays[4:6]) if len(arrays) == 6 else None)
 
 
 def load_tfds(name: str, *, label_key: str = "label", image_key: str = "image",
@@ -176,7 +189,8 @@ def load_tfds(name: str, *, label_key: str = "label", image_key: str = "image",
     if label_key not in features or image_key not in features:
         raise DataError(f"TFDS {name!r} has features {list(features)}; need {image_key!r} and {label_key!r}")
     num_classes = getattr(features[label_key], "num_classes", None)
-    splits = []
+    coarse_key = "coarse_label" if "coarse_label" in features and label_key != "coarse_label" else None
+    splits, coarse = [], []
     for split in ("train", "test"):
         try:
             src = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
@@ -185,10 +199,13 @@ def load_tfds(name: str, *, label_key: str = "label", image_key: str = "image",
                 f"TFDS could not open {name}:{split} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                 "prepare it or set data.download=True"
             ) from None
-        xs, ys = [], []
+        xs, ys, cs = [], [], []
         for i in range(len(src)):
             ex = src[i]
             xs.append(np.asarray(ex[image_key]))
             ys.append(int(ex[label_key]))
+            if coarse_key:
+                cs.append(int(ex[coarse_key]))
         splits += [np.stack(xs), np.asarray(ys, np.int32)]
-    return checked(name, *splits, num_classes=num_classes)
+        coarse.append(np.asarray(cs, np.int32))
+    return checked(name, *splits, num_classes=num_classes, coarse=tuple(coarse) if coarse_key else None)

@@ -142,10 +142,23 @@ def _make_task(name, x_tr, y_tr, x_te, y_te, classes, mean, std, limits, rng) ->
 
 
 def split(ds: Dataset, num_tasks: int, classes_per_task: int, *, scenario: str = "task",
-          class_order: Sequence[int] = (), shuffle_classes: bool = False, seed: int = 0,
-          limits=(0, 0)) -> Stream:
-    """Partition the classes of ``ds`` into ``num_tasks`` tasks of ``classes_per_task``."""
+          class_order: Sequence[int] = (), shuffle_classes: bool = False, superclasses: bool = False,
+          seed: int = 0, limits=(0, 0)) -> Stream:
+    """Partition the classes of ``ds`` into ``num_tasks`` tasks of ``classes_per_task``;
+    with ``superclasses``, one task per superclass (CIFAR-100's 20 coarse labels, in
+    label order) holding its fine classes."""
     rng = np.random.default_rng([seed, 1])
+    if superclasses:
+        if ds.coarse_train is None:
+            raise DataError(f"data.superclass_tasks: dataset {ds.name!r} has no superclass labels")
+        groups = sorted(set(ds.coarse_train.tolist()))
+        if num_tasks > len(groups):
+            raise DataError(f"{num_tasks} superclass tasks asked, {ds.name} has {len(groups)} superclasses")
+        members = [sorted(set(ds.y_train[ds.coarse_train == g].tolist())) for g in groups[:num_tasks]]
+        sizes = {len(m) for m in members}
+        if len(sizes) != 1:
+            raise DataError(f"superclasses of {ds.name} hold different numbers of classes: {sorted(sizes)}")
+        class_order, classes_per_task = [c for m in members for c in m], sizes.pop()
     order = list(class_order) if class_order else list(range(ds.num_classes))
     if class_order:
         bad = [c for c in order if not 0 <= c < ds.num_classes]
@@ -276,7 +289,8 @@ def build(cfg) -> Stream:
     ds = get(d.name)
     if d.stream == "split":
         return split(ds, cfg.num_tasks, d.classes_per_task, scenario=cfg.scenario, class_order=d.class_order,
-                     shuffle_classes=d.shuffle_classes, seed=cfg.seed, limits=limits)
+                     shuffle_classes=d.shuffle_classes, superclasses=d.superclass_tasks, seed=cfg.seed,
+                     limits=limits)
     if d.stream == "permuted":
         return permuted(ds, cfg.num_tasks, scenario=cfg.scenario, seed=cfg.seed, limits=limits)
     if d.stream == "rotated":

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from jaxcl.methods.base import Method, State
+from jaxcl.methods.base import Method, Phase, State
 
 
 def available() -> list[str]:
@@ -37,4 +37,4 @@ def describe(name: str) -> str:
     return first_sentence(importlib.import_module(f"jaxcl.methods.{name}").__doc__)
 
 
-__all__ = ["Method", "State", "available", "build", "describe"]
+__all__ = ["Method", "Phase", "State", "available", "build", "describe"]

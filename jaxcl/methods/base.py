@@ -13,16 +13,18 @@ The training loop (:mod:`jaxcl.train`) drives every method the same way::
     state = init(rng, x)                               # once
     for task t:
         state = begin_task(state, t)
-        for phase p, (name, epochs) in enumerate(phases):
+        for phase in phases(t):                        # Phase(name, epochs, lr, milestones)
             for each batch:                            # ONE jitted step, t traced
-                grads = grad(loss)(state.params, state, batch, t, rng, p)
+                grads = grad(loss)(state.params, state, batch, t, rng, phase.name)
                 updates = optimizer(grads)
                 params = where(state.trainable, params + updates, params)
-                state = after_step(state, aux, batch, t, rng, p)
-            if consolidate: for each batch of task t: state = consolidate(state, batch, t, p)
-            state = after_phase(state, t, p)
+                state = after_step(state, aux, batch, t, rng, phase.name)
+            if consolidate: for each batch of task t: state = consolidate(state, batch, t, phase.name)
+            state = after_phase(state, t, phase.name)
         evaluate: predict(state, x, task_ids)
 
+The task id ``t`` is a traced int32 (changing task never recompiles); the phase name is
+a static string (one compiled step per kind of phase).
 ``state.trainable`` is a boolean tree over ``state.params``; a leaf is either a scalar
 (the whole array) or an array of the parameter's shape (per-element masks, PackNet).
 The loop applies it *after* the optimizer, so momentum and weight decay never move a
@@ -54,17 +56,32 @@ class State:
     bad_step: jax.Array  # first step whose loss was not finite, -1 if none
 
 
+class Phase(NamedTuple):
+    """One training phase of a task: ``epochs`` over the task's data. ``name`` is what the
+    method's functions receive as ``phase`` (static: a method may compile different code
+    per phase name). ``lr`` (with its own step ``milestones``, in epochs of the phase)
+    replaces the optimizer's schedule for this phase; ``None`` keeps ``config.optimizer``'s."""
+
+    name: str
+    epochs: int
+    lr: Optional[float] = None
+    milestones: tuple = ()
+
+
 class Method(NamedTuple):
     name: str
+    # init allocates every array at its final shape: later functions may change values,
+    # never shapes (the loop compiles once and restores checkpoints into init's shapes)
     init: Callable[[jax.Array, jax.Array], State]
     begin_task: Callable[[State, jax.Array], State]
     loss: Callable[..., tuple[jax.Array, dict]]  # (params, state, batch, task, rng, phase)
     after_step: Callable[..., State]  # (state, aux, batch, task, rng, phase)
     consolidate: Optional[Callable[..., State]]  # (state, batch, task, phase), over the task's data
-    after_phase: Callable[[State, jax.Array, int], State]
+    after_phase: Callable[[State, jax.Array, str], State]
     predict: Callable[[State, jax.Array, jax.Array], jax.Array]  # (state, x, task) -> logits
-    phases: tuple  # ((name, epochs), ...)
+    phases: Callable[[int], tuple]  # task index -> (Phase, ...)
     data: str  # 'current' (the task's data) or 'cumulative' (all tasks seen so far)
+    report: Optional[Callable[[State], dict]]  # method-specific figures for results.json
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -94,7 +111,7 @@ def apply(model, params: PyTree, model_state: PyTree, x, task, *, train: bool, r
     variables = {**params, **model_state}
     rngs = {"dropout": rng} if rng is not None else {}
     if train and model_state:
-        logits, new = model.apply(variables, x, task, True, rngs=rngs, mutable=list(model_state))
+        logits, new = model.apply(variables, x, task, train, rngs=rngs, mutable=list(model_state))
         return logits, {**model_state, **new}
     return model.apply(variables, x, task, train, rngs=rngs), model_state
 
@@ -147,10 +164,16 @@ def _identity_phase(state, task, phase):
     return state
 
 
+def epochs(config, n: int | None = None) -> int:
+    """Epochs of a phase: ``n`` (default ``config.epochs``), 1 in online mode."""
+    return 1 if config.online else (config.epochs if n is None else n)
+
+
 def make(name: str, config, model, *, init=None, loss=None, begin_task=None, after_step=None,
-         consolidate=None, after_phase=None, predict=None, phases=None, data: str = "current") -> Method:
+         consolidate=None, after_phase=None, predict=None, phases=None, data: str = "current",
+         report=None) -> Method:
     """A Method with the plain behaviour wherever a function is not given."""
-    epochs = 1 if config.online else config.epochs
+    single = (Phase("train", epochs(config)),)
     return Method(
         name=name,
         init=init or (lambda rng, x: init_state(model, rng, x)),
@@ -160,8 +183,9 @@ def make(name: str, config, model, *, init=None, loss=None, begin_task=None, aft
         consolidate=consolidate,
         after_phase=after_phase or _identity_phase,
         predict=predict or default_predict(model),
-        phases=phases or (("train", epochs),),
+        phases=phases or (lambda task: single),
         data=data,
+        report=report,
     )
 
 

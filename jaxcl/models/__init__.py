@@ -11,6 +11,7 @@ from jaxcl.models.cnn import CNN
 from jaxcl.models.layers import Conv, ConvNorm, Dense, Heads, Norm
 from jaxcl.models.mlp import MLP
 from jaxcl.models.resnet import BasicBlock, Bottleneck, ResNet
+from jaxcl.models.vgg import VGG
 
 _MODELS = {
     "mlp": MLP,
@@ -19,6 +20,7 @@ _MODELS = {
     "resnet18_cifar": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock, width=64, stem="cifar"),
     "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock, width=64, stem="imagenet"),
     "resnet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck, width=64, stem="imagenet"),
+    "vgg16_bn_cifar": VGG,
 }
 
 DESCRIPTIONS = {
@@ -28,6 +30,7 @@ DESCRIPTIONS = {
     "resnet18_cifar": "CIFAR ResNet-18: BasicBlock [2,2,2,2], width 64, 3x3 stem, no max-pool",
     "resnet18": "ImageNet-layout ResNet-18: 7x7/2 stem, max-pool, BasicBlock [2,2,2,2]",
     "resnet50": "ImageNet-layout ResNet-50: Bottleneck [3,4,6,3]",
+    "vgg16_bn_cifar": "VGG-16 with batch norm for 32x32 inputs, dense 512-4096-4096 trunk (CPG's vgg16_bn_cifar100)",
 }
 
 
@@ -51,4 +54,4 @@ def build(cfg_model, info, **overrides):
 
 
 __all__ = ["BasicBlock", "Bottleneck", "CNN", "Conv", "ConvNorm", "DESCRIPTIONS", "Dense", "Heads", "MLP", "Norm",
-           "ResNet", "available", "build"]
+           "ResNet", "VGG", "available", "build"]
