@@ -24,4 +24,8 @@ def get_config(arg=None):
     c.optimizer.name = "sgd"
     c.optimizer.lr = 0.03
     c.optimizer.momentum = 0.9
-    return cfglib.finalize(c, arg, {"ewc": {"method.ewc_lambda": 100.0}})
+    # clr: the reference's optimiser (Adam 1e-3, x0.1 every third of the epochs); pass a
+    # backbone pretrained elsewhere with --set model.pretrained=WORKDIR
+    clr = {"optimizer.name": "adam", "optimizer.lr": 1e-3, "optimizer.momentum": 0.0, "optimizer.schedule": "step",
+           "optimizer.milestones": (2, 4), "epochs": 6, "method.l2": 1e-5}
+    return cfglib.finalize(c, arg, {"ewc": {"method.ewc_lambda": 100.0}, "clr": clr})

@@ -45,11 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source = "auto"  # auto | sklearn | npz | tfds
     c.data.dir = ""  # folder of <name>.npz files; falls back to $JAXCL_DATA_DIR
     c.data.stream = "split"  # split | permuted | rotated | multi
-    c.data.classes_per_task = 2  # split streams
+    c.data.classes_per_task = 2  # split streams; multi streams: 0 = one task per dataset
     c.data.class_order = ()  # split streams: explicit order of the classes
     c.data.shuffle_classes = False  # split streams: class order drawn from the seed
     c.data.superclass_tasks = False  # split streams: one task per superclass (CIFAR-100 coarse labels)
     c.data.datasets = ()  # multi streams: one dataset per task
+    c.data.tasks = ()  # multi streams: keep only these task indices (e.g. (2,) to learn task 2 alone)
     c.data.angles = ()  # rotated streams: degrees per task (default: evenly spaced)
     c.data.max_angle = 180.0
     c.data.normalize = True

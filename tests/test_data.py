@@ -1,4 +1,6 @@
 import jax
+
+import jaxcl
 import numpy as np
 import pytest
 
@@ -190,3 +192,24 @@ def test_augment_crops_and_flips_deterministically():
     np.testing.assert_array_equal(a, b)
     outs = {np.asarray(data.augment(x, jax.random.PRNGKey(k), pad=1)).tobytes() for k in range(20)}
     assert len(outs) > 5
+
+
+def test_multi_can_split_each_dataset_into_class_groups():
+    a = fake("grey", shape=(4, 4, 1), k=4)
+    b = fake("rgb", shape=(4, 4, 3), k=4)
+    s = data.multi([a, b], classes_per_task=2)
+    assert [t.name for t in s.tasks] == ["grey[0-1]", "grey[2-3]", "rgb[0-1]", "rgb[2-3]"]
+    assert [t.classes for t in s.tasks] == [(0, 1), (2, 3), (0, 1), (2, 3)]
+    np.testing.assert_array_equal(s.tasks[1].x_train[..., 0], a.x_train[np.isin(a.y_train, [2, 3])][..., 0])
+    assert set(s.tasks[3].y_train.tolist()) == {0, 1}
+    with pytest.raises(DataError, match="does not divide the 4 classes"):
+        data.multi([a], classes_per_task=3)
+
+
+def test_data_tasks_selects_tasks_of_a_multi_stream(make_config):
+    c = make_config("split_digits:method=finetune", num_tasks=1, data__stream="multi", data__datasets=("digits",),
+                    data__classes_per_task=2, data__tasks=(3,))
+    s = data.build(c)
+    assert [t.name for t in s.tasks] == ["digits[6-7]"]
+    with pytest.raises(DataError, match=r"data.tasks: \[9\] out of range"):
+        data.build(jaxcl.config.override(c, ["data.tasks=(9,)"]))

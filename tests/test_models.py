@@ -120,3 +120,37 @@ def test_norm_and_task_norm_compute_what_flax_batchnorm_computes(train):
     np.testing.assert_array_equal(yt, yr)
     np.testing.assert_array_equal(st["batch_stats"]["task_mean"][1], sr["batch_stats"]["mean"])
     np.testing.assert_array_equal(st["batch_stats"]["task_mean"][0], vt["batch_stats"]["task_mean"][0])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_depthwise_matches_xla_grouped_convolution_and_its_gradients(k):
+    b, h, c = 16, 6, 5
+    y = jax.random.normal(jax.random.PRNGKey(0), (b, h, h, c))
+    w = jax.random.normal(jax.random.PRNGKey(1), (k, k, 1, c))
+    r = jax.random.normal(jax.random.PRNGKey(2), (b, h, h, c))
+
+    def ref(y, w):
+        return jax.lax.conv_general_dilated(y, w, (1, 1), [(k // 2, k // 2)] * 2,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+
+    np.testing.assert_allclose(layers.depthwise(y, w), ref(y, w), rtol=1e-5, atol=1e-5)
+    g_ours = jax.grad(lambda y, w: jnp.sum(layers.depthwise(y, w) * r), (0, 1))(y, w)
+    g_ref = jax.grad(lambda y, w: jnp.sum(ref(y, w) * r), (0, 1))(y, w)
+    for a, b_ in zip(g_ours, g_ref):
+        np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-4)
+    per_sample = jax.random.normal(jax.random.PRNGKey(3), (b, k, k, 1, c))
+    want = jax.vmap(lambda yy, kk: ref(yy[None], kk)[0])(y, per_sample)
+    np.testing.assert_allclose(layers.depthwise(y, per_sample), want, rtol=1e-5, atol=1e-5)
+    ident = jnp.zeros((k, k, 1, c)).at[k // 2, k // 2].set(1.0)
+    np.testing.assert_array_equal(layers.depthwise(y, ident), y)  # identity kernel: bit for bit
+
+
+def test_depthwise_gradient_chunks_the_batch_to_the_same_result():
+    y = jax.random.normal(jax.random.PRNGKey(0), (64, 32, 32, 64))  # large enough to be chunked
+    assert layers._chunk(64, (34 * 34 * 64 + 32 * 32 * 64) * 4) < 64
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, 64))
+    r = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+    g = jax.jit(jax.grad(lambda w: jnp.sum(layers.depthwise(y, w) * r)))(w)
+    yp = jnp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = jnp.stack([jnp.sum(yp[:, i:i + 32, j:j + 32] * r, axis=(0, 1, 2)) for i in range(3) for j in range(3)])
+    np.testing.assert_allclose(g.reshape(9, 64), want, rtol=1e-4, atol=1e-3)

@@ -258,9 +258,11 @@ def _to_shape(x: np.ndarray, shape: tuple) -> np.ndarray:
     return x
 
 
-def multi(datasets: Sequence[Dataset], *, scenario: str = "task", seed: int = 0, limits=(0, 0)) -> Stream:
-    """One task per dataset, images zero-padded and channel-repeated to the largest shape
-    (MNIST 28x28x1 -> 32x32x3 next to CIFAR-10). Each task keeps its dataset's
+def multi(datasets: Sequence[Dataset], *, scenario: str = "task", classes_per_task: int = 0, seed: int = 0,
+          limits=(0, 0)) -> Stream:
+    """One task per dataset (or, with ``classes_per_task``, one per consecutive group of
+    that many of each dataset's classes), images zero-padded and channel-repeated to the
+    largest shape (MNIST 28x28x1 -> 32x32x3 next to CIFAR-10). Each dataset keeps its own
     normalisation."""
     rng = np.random.default_rng([seed, 4])
     shape = tuple(max(d.image_shape[i] for d in datasets) for i in range(3))
@@ -268,9 +270,26 @@ def multi(datasets: Sequence[Dataset], *, scenario: str = "task", seed: int = 0,
     for d in datasets:
         xtr, xte = _to_shape(d.x_train, shape), _to_shape(d.x_test, shape)
         mean, std = _channel_stats(xtr)
-        tasks.append(_make_task(d.name, xtr, d.y_train, xte, d.y_test, range(d.num_classes),
-                                mean, std, limits, rng))
+        size = classes_per_task or d.num_classes
+        if d.num_classes % size:
+            raise DataError(f"data.classes_per_task={size} does not divide the {d.num_classes} classes of {d.name}")
+        for start in range(0, d.num_classes, size):
+            cls = list(range(start, start + size))
+            tr, te = np.isin(d.y_train, cls), np.isin(d.y_test, cls)
+            name = d.name if size == d.num_classes else f"{d.name}[{start}-{start + size - 1}]"
+            tasks.append(_make_task(name, xtr[tr], d.y_train[tr] - start, xte[te], d.y_test[te] - start, cls,
+                                    mean, std, limits, rng))
     return Stream("multi_" + "_".join(d.name for d in datasets), scenario, tuple(tasks))
+
+
+def _select(stream: Stream, keep) -> Stream:
+    """Only the tasks at the indices ``keep`` (all when empty), in that order."""
+    if not keep:
+        return stream
+    bad = [k for k in keep if not 0 <= k < len(stream)]
+    if bad:
+        raise DataError(f"data.tasks: {bad} out of range for a stream of {len(stream)} tasks")
+    return Stream(stream.name, stream.scenario, tuple(stream.tasks[k] for k in keep))
 
 
 def build(cfg) -> Stream:
@@ -282,10 +301,15 @@ def build(cfg) -> Stream:
         return load(name, d.source, d.dir, label_key=d.label_key, download=d.download, tfds_dir=d.tfds_dir)
 
     if d.stream == "multi":
-        names = list(d.datasets)
-        if len(names) != cfg.num_tasks:
-            raise DataError(f"data.datasets lists {len(names)} datasets but num_tasks is {cfg.num_tasks}")
-        return multi([get(n) for n in names], scenario=cfg.scenario, seed=cfg.seed, limits=limits)
+        stream = multi([get(n) for n in d.datasets], scenario=cfg.scenario, classes_per_task=d.classes_per_task,
+                       seed=cfg.seed, limits=limits)
+        stream = _select(stream, d.tasks)
+        if len(stream) != cfg.num_tasks:
+            raise DataError(f"data.datasets {list(d.datasets)} with data.classes_per_task={d.classes_per_task} "
+                            f"make {len(stream)} tasks but num_tasks is {cfg.num_tasks}")
+        return stream
+    if d.tasks:
+        raise DataError("data.tasks selects tasks of multi streams only")
     ds = get(d.name)
     if d.stream == "split":
         return split(ds, cfg.num_tasks, d.classes_per_task, scenario=cfg.scenario, class_order=d.class_order,
