@@ -19,9 +19,12 @@ def setup(make_config, method, **sets):
     return c, stream, model, m, state, batch
 
 
+NEEDS = {"clr": {"model__name": "cnn", "model__width": 8}}  # settings a method needs to be built at all
+
+
 @pytest.mark.parametrize("name", methods.available())
 def test_every_method_follows_the_contract(make_config, name):
-    c, stream, model, m, state, batch = setup(make_config, name)
+    c, stream, model, m, state, batch = setup(make_config, name, **NEEDS.get(name, {}))
     assert isinstance(m, base.Method) and m.name == name
     for field in ("init", "begin_task", "loss", "after_step", "after_phase", "predict"):
         assert callable(getattr(m, field)), field
