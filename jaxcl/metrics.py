@@ -81,19 +81,22 @@ def param_counts(params: dict, num_tasks: int, num_heads: int) -> dict:
     main = params.get("params", {})
     head = count(main.get("head", {}))
     backbone = count({k: v for k, v in main.items() if k != "head"})
-    extra = {}
+    extra, shared = {}, {}
     for name, coll in params.items():
         if name == "params":
             continue
         n = count(coll)
         leaves = jax.tree_util.tree_leaves(coll)
-        stacked = bool(leaves) and all(x.shape[:1] == (num_tasks,) for x in leaves)
-        extra[name] = n // num_tasks if stacked else n
+        if bool(leaves) and all(x.shape[:1] == (num_tasks,) for x in leaves):
+            extra[name] = n // num_tasks
+        else:
+            shared[name] = n
     return {
         "backbone": backbone,
         "head_per_task": head // max(num_heads, 1) if num_heads == num_tasks else head,
         "heads_total": head,
         "extra_per_task": extra,
+        "extra_shared": shared,
         "total": backbone + head + sum(count(c) for k, c in params.items() if k != "params"),
     }
 

@@ -88,7 +88,8 @@ def summary_table(results: dict) -> str:
         f"ACC {100 * r['acc']:.2f}%   BWT {100 * r['bwt']:+.2f}   FWT {100 * r['fwt']:+.2f}   "
         f"forgetting {100 * r['forgetting']:.2f}",
         f"params: backbone {p.get('backbone', 0):,}  head per task {p.get('head_per_task', 0):,}"
-        + "".join(f"  {k} per task {v:,}" for k, v in p.get("extra_per_task", {}).items()),
+        + "".join(f"  {k} per task {v:,}" for k, v in p.get("extra_per_task", {}).items())
+        + "".join(f"  {k} {v:,}" for k, v in p.get("extra_shared", {}).items()),
         f"wall {r['wall_s']:.1f} s   train {r['train_s']:.1f} s   {r['steps_per_s']:.1f} steps/s",
     ]
     return "\n".join(lines)

@@ -154,3 +154,13 @@ def test_depthwise_gradient_chunks_the_batch_to_the_same_result():
     yp = jnp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
     want = jnp.stack([jnp.sum(yp[:, i:i + 32, j:j + 32] * r, axis=(0, 1, 2)) for i in range(3) for j in range(3)])
     np.testing.assert_allclose(g.reshape(9, 64), want, rtol=1e-4, atol=1e-3)
+
+
+def test_heads_all_returns_every_head():
+    m = models.MLP(hidden=(8,), num_heads=3, num_outputs=4, classes_per_head=(2, 4, 3))
+    v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 5))
+    every = m.apply(v, x, "all")
+    assert every.shape == (6, 3, 4)
+    for k in range(3):
+        np.testing.assert_allclose(every[:, k], m.apply(v, x, jnp.int32(k)), rtol=1e-6, atol=1e-6)

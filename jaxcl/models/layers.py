@@ -305,8 +305,10 @@ class Heads(nn.Module):
     """``num_heads`` linear classifiers stacked on a leading axis, picked by task id.
 
     A scalar task id uses that task's head for the whole batch; a vector picks a head
-    per sample. Outputs beyond a head's own class count (``classes_per_head``) are set
-    to a large negative number, so neither the loss nor argmax ever picks them.
+    per sample; ``"all"`` returns every head's logits, ``[B, heads, outputs]`` (for
+    distillation over old heads). Outputs beyond a head's own class count
+    (``classes_per_head``) are set to a large negative number, so neither the loss nor
+    argmax ever picks them.
     """
 
     num_heads: int
@@ -323,6 +325,13 @@ class Heads(nn.Module):
                                                                   in_axis=-2, out_axis=-1, batch_axis=(0,)),
                             (hn, d, c))
         bias = self.param("bias", bias_init(self.weight_init, d), (hn, c))
+        per_head = self.classes_per_head or (c,) * hn
+        if isinstance(task, str):
+            if task != "all":
+                raise ValueError(f"Heads: task {task!r}: give a task id, one per sample, or 'all'")
+            logits = jnp.einsum("bd,hdc->bhc", h, kernel) + bias
+            valid = jnp.arange(c) < jnp.asarray(per_head)[:, None]
+            return jnp.where(valid, logits, -1e9)
         if hn == 1 or task is None:
             logits = h @ kernel[0] + bias[0]
             idx = jnp.zeros((), jnp.int32)
@@ -334,7 +343,6 @@ class Heads(nn.Module):
                 sel = select(task, hn)  # [B, H]
                 logits = jnp.einsum("bd,hdc,bh->bc", h, kernel, sel) + sel @ bias
             idx = task
-        per_head = self.classes_per_head or (c,) * hn
         if min(per_head) < c:
             valid = jnp.arange(c) < jnp.asarray(per_head)[idx][..., None]
             logits = jnp.where(valid, logits, -1e9)
