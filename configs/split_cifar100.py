@@ -14,6 +14,14 @@ pruning of 60% per layer, 30 retraining epochs at lr 1e-3 decayed at 25, per-tas
 norm (CPG keeps batch-norm parameters and statistics per task).
 
     jaxcl run split_cifar100:method=packnet --set data.download=true   # GPU: 20 x 130 epochs of 2,500 images
+
+``method=rescl`` follows the one public ResCL reproduction
+(parvex/residual-continual-learning-benchmark, which reports 77.83 +- 1.79): 5 tasks of
+20 classes, WRN-28-2 (``wrn28_2``, pre-activation), Adam lr 1e-3, batch 128, 160 epochs
+per stage with lr x0.1 at epochs 80 and 120 (its ``--schedule 80 120 160``), random crop
+and flip.
+
+    jaxcl run split_cifar100:method=rescl --set data.download=true     # GPU: 5 x 2 stages x 160 epochs
 """
 from jaxcl import config as cfglib
 
@@ -42,4 +50,10 @@ def get_config(arg=None):
         "method.prune": (0.6,), "method.retrain_epochs": 30, "method.retrain_lr": 1e-3,
         "method.retrain_milestones": (25,), "method.task_norm": True,
     }
-    return cfglib.finalize(c, arg, {"ewc": {"method.ewc_lambda": 100.0}, "packnet": cpg_packnet})
+    parvex_rescl = {
+        "num_tasks": 5, "data.classes_per_task": 20, "model.name": "wrn28_2", "batch_size": 128, "epochs": 160,
+        "optimizer.name": "adam", "optimizer.lr": 1e-3, "optimizer.momentum": 0.0, "optimizer.schedule": "step",
+        "optimizer.milestones": (80, 120), "optimizer.gamma": 0.1,
+    }
+    return cfglib.finalize(c, arg, {"ewc": {"method.ewc_lambda": 100.0}, "packnet": cpg_packnet,
+                                    "rescl": parvex_rescl})

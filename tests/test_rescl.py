@@ -30,7 +30,9 @@ def randomised(state, key):
 
 
 @pytest.mark.parametrize("model_sets", [{"model__name": "mlp"}, {"model__name": "reduced_resnet18", "model__width": 4},
-                                        {"model__name": "cnn", "model__width": 4}], ids=["mlp", "resnet-bn", "cnn"])
+                                        {"model__name": "cnn", "model__width": 4},
+                                        {"model__name": "wrn28_2", "model__width": 4}],
+                         ids=["mlp", "resnet-bn", "cnn", "wrn-preact"])
 def test_merged_network_computes_what_the_combined_network_computes(make_config, model_sets):
     c, stream, m, x = built(make_config, **model_sets)
     state = randomised(m.init(jax.random.PRNGKey(0), x), jax.random.PRNGKey(1))

@@ -83,7 +83,23 @@ class ResCLUnit(nn.Module):
             y = self.conv(self.features, self.kernel_size, self.strides, name=prefix + "conv")(x, task)
             return self.norm(name=prefix + "norm")(y, task, bn_train) if self.norm is not None else y
 
-        return _combine(self, branch, train)
+        return _combine(self, branch, train, self.features)
+
+
+class ResCLNorm(nn.Module):
+    """A standalone norm (pre-activation networks) with a source and a target branch and
+    their combination."""
+
+    norm: Any = layers.Norm
+    mode: str = "source"
+    a_init: tuple = (0.0, 0.0)
+
+    @nn.compact
+    def __call__(self, x, task=None, train: bool = False):
+        def branch(prefix, bn_train):
+            return self.norm(name=prefix + "norm")(x, task, bn_train)
+
+        return _combine(self, branch, train, x.shape[-1])
 
 
 class ResCLDense(nn.Module):
@@ -108,12 +124,12 @@ class ResCLDense(nn.Module):
                 y = y + self.param(prefix + "bias", layers.bias_init(self.weight_init, fan_in), (self.features,))
             return y
 
-        return _combine(self, branch, False)
+        return _combine(self, branch, False, self.features)
 
 
-def _combine(module, branch, train):
-    a_s = module.variable("rescl", "a_s", lambda: jnp.full((module.features,), module.a_init[0], jnp.float32))
-    a_t = module.variable("rescl", "a_t", lambda: jnp.full((module.features,), module.a_init[1], jnp.float32))
+def _combine(module, branch, train, features):
+    a_s = module.variable("rescl", "a_s", lambda: jnp.full((features,), module.a_init[0], jnp.float32))
+    a_t = module.variable("rescl", "a_t", lambda: jnp.full((features,), module.a_init[1], jnp.float32))
     if module.is_initializing():  # every variable exists whatever the mode
         ys, yt = branch("", False), branch("target_", False)
         return {"source": ys, "target": yt}.get(module.mode, ys)
@@ -131,6 +147,8 @@ def _clone(model, mode: str, a_init):
         kw["unit"] = functools.partial(ResCLUnit, mode=mode, a_init=a_init)
     if hasattr(model, "dense"):
         kw["dense"] = functools.partial(ResCLDense, mode=mode, a_init=a_init)
+    if hasattr(model, "norm_unit"):
+        kw["norm_unit"] = functools.partial(ResCLNorm, mode=mode, a_init=a_init)
     if not kw:
         raise ValueError(f"ResCL needs a model built of units or dense layers; {type(model).__name__} has neither")
     return model.clone(**kw)
@@ -213,8 +231,11 @@ def make(config, model, info) -> base.Method:
         # stage 2: the combined network against the frozen source and the stage-1 network
         frozen = jax.lax.stop_gradient
         z_all, model_state = base.apply(models["combined"], params, state.model_state, x, "all", train=True, rng=rng)
-        src_all, _ = base.apply(models["source"], frozen(params), state.model_state, x, "all", train=False)
-        src_all = frozen(src_all)
+        if "source_logits" in batch:  # recorded once before training (all heads), as ../shared/peers W5 does
+            src_all = frozen(batch["source_logits"])
+        else:  # the frozen source network on this batch
+            src_all, _ = base.apply(models["source"], frozen(params), state.model_state, x, "all", train=False)
+            src_all = frozen(src_all)
         n = jnp.maximum(mask.sum(), 1.0)
         old = (jnp.arange(num_tasks) < task).astype(jnp.float32)  # heads of the tasks before this one
         lwf = jnp.sum(jax.vmap(lambda zs, z: _kl(zs, z, temp), in_axes=1, out_axes=1)(src_all, z_all) * old * mask[:, None]) / n
@@ -261,6 +282,15 @@ def make(config, model, info) -> base.Method:
                     node_p["conv"]["kernel"] = (1 + a_s) * ws + a_t * wt
                     if "bias" in node_p["conv"]:
                         node_p["conv"]["bias"] = (1 + a_s) * bs + a_t * bt
+            elif "target_norm" in node_p:  # a standalone norm: two affine maps make one
+                ns, nt = node_p["norm"]["bn"], node_p["target_norm"]["bn"]
+                ss, stt = node_s["norm"]["bn"], node_s["target_norm"]["bn"]
+                root = jnp.sqrt(ss["var"] + eps)
+                scale_s, scale_t = ns["scale"] / root, nt["scale"] / jnp.sqrt(stt["var"] + eps)
+                node_p["norm"]["bn"]["scale"] = ((1 + a_s) * scale_s + a_t * scale_t) * root
+                node_p["norm"]["bn"]["bias"] = ((1 + a_s) * (ns["bias"] - ss["mean"] * scale_s)
+                                                + a_t * (nt["bias"] - stt["mean"] * scale_t))
+                node_s["norm"]["bn"]["mean"] = jnp.zeros_like(ss["mean"])
             elif "target_kernel" in node_p:  # a dense layer
                 node_p["kernel"] = (1 + a_s) * node_p["kernel"] + a_t * node_p["target_kernel"]
                 if "bias" in node_p:

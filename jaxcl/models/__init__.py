@@ -12,6 +12,7 @@ from jaxcl.models.layers import Conv, ConvNorm, Dense, Heads, Norm
 from jaxcl.models.mlp import MLP
 from jaxcl.models.resnet import BasicBlock, Bottleneck, ResNet
 from jaxcl.models.vgg import VGG
+from jaxcl.models.wrn import WideResNet
 
 _MODELS = {
     "mlp": MLP,
@@ -21,6 +22,7 @@ _MODELS = {
     "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock, width=64, stem="imagenet"),
     "resnet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck, width=64, stem="imagenet"),
     "vgg16_bn_cifar": VGG,
+    "wrn28_2": functools.partial(WideResNet, depth=28, widen=2),
 }
 
 DESCRIPTIONS = {
@@ -31,6 +33,7 @@ DESCRIPTIONS = {
     "resnet18": "ImageNet-layout ResNet-18: 7x7/2 stem, max-pool, BasicBlock [2,2,2,2]",
     "resnet50": "ImageNet-layout ResNet-50: Bottleneck [3,4,6,3]",
     "vgg16_bn_cifar": "VGG-16 with batch norm for 32x32 inputs, dense 512-4096-4096 trunk (CPG's vgg16_bn_cifar100)",
+    "wrn28_2": "Wide ResNet 28-2, pre-activation, for 32x32 inputs",
 }
 
 
@@ -54,4 +57,4 @@ def build(cfg_model, info, **overrides):
 
 
 __all__ = ["BasicBlock", "Bottleneck", "CNN", "Conv", "ConvNorm", "DESCRIPTIONS", "Dense", "Heads", "MLP", "Norm",
-           "ResNet", "VGG", "available", "build"]
+           "ResNet", "VGG", "WideResNet", "available", "build"]

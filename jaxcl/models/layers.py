@@ -279,6 +279,17 @@ def is_per_task(path) -> bool:
     return "head" in keys or any(isinstance(k, str) and k.startswith("task_") for k in keys)
 
 
+class NormUnit(nn.Module):
+    """A norm standing alone, not right after a conv (the pre-activation norms of a wide
+    ResNet); methods that replace units replace these too."""
+
+    norm: ModuleDef = Norm
+
+    @nn.compact
+    def __call__(self, x: Array, task: Optional[Array] = None, train: bool = False) -> Array:
+        return self.norm(name="norm")(x, task, train)
+
+
 class ConvNorm(nn.Module):
     """conv -> norm (no activation): the unit every CNN here is made of."""
 

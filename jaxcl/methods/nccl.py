@@ -1,0 +1,308 @@
+"""NCCL: neuron calibration for online continual learning (Yin, Yang, Li, NeurIPS 2021).
+
+Every conv and dense layer of the model is *calibrated* by parameters of its own
+collection ``calib`` (the base weights theta stay in ``params``):
+
+* weight calibration: ``W~ = W * tile(psi)``, psi ``[O, I]`` for a conv (tiled over the
+  kernel window), ``[O]`` for a dense layer (tiled over the inputs), init ones;
+* a calibration bias ``b`` (init zeros), the layer's bias;
+* feature calibration ``lambda`` ``[O]`` (init ones): the authors' reference block
+  multiplies, ``h = lambda * (conv(x, W~) + b)`` (the default,
+  ``method.feature_calibration=multiply``); the paper's equation adds the calibrated and
+  uncalibrated outputs, ``h = lambda * F(x) + F(x)`` (``=add``); batch norm and the
+  activation follow. At the initial values the calibrated model is the plain model.
+
+Training is online (one pass, small batches) with a replay memory (``method.memory``:
+``reservoir`` over everything seen, or ``ring``: ``memory_size`` slots per task, sampling
+the earlier tasks, as the reference's per-task memory), storing inputs, labels, task ids
+and the model's softmax outputs at insertion. One train step is the whole bilevel call:
+
+* inner loop (``inner_steps`` K, a ``lax.scan``) on theta only, fast weights starting at
+  theta: step 1 on the incoming batch, later steps on it plus a replay sample,
+  ``CE(in) + gamma (CE(replay) + reg KL(softmax(z_r / T) || q_r))``, SGD at ``inner_lr``
+  with the gradient clipped elementwise to ``inner_clip``;
+* outer step on the calibration parameters (the run's optimizer, SGD): on a fresh replay
+  sample, ``reg KL(softmax(z / T) || q) + sum reg_ewc (g / tile(psi))^2 (W~ - W~_0)^2``,
+  g the gradient of the distillation term w.r.t. the calibrated weights (detached, as the
+  reference), W~_0 the calibrated weights before the inner loop. Its gradient flows back
+  through the inner trajectory: nested ``jax.grad``, second order
+  (``method.second_order=true``, default). The authors' reference copies each inner update
+  into ``param.data``, which cuts the graph: it is first order in effect, which
+  ``second_order=false`` reproduces (the fast weights enter the outer loss as constants).
+  ``ewc_grad=last_inner`` takes g from the last inner step with its graph kept instead
+  (../shared/peers W4's definition);
+* theta takes the fast weights.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxcl.methods import base
+from jaxcl.models import layers
+
+
+def defaults() -> dict:
+    return {
+        "inner_steps": 5, "inner_lr": 0.01, "inner_clip": 10.0, "gamma": 1.0, "reg": 1.0, "reg_ewc": 1.0,
+        "temperature": 2.0, "memory": "reservoir", "memory_size": 200, "replay_batch": 10,
+        "second_order": True, "feature_calibration": "multiply", "ewc_grad": "outer", "update_memory": True,
+    }
+
+
+# ----------------------------------------------------------------------------- calibrated layers
+
+
+class CalibConv(layers.Conv):
+    feature_calibration: str = "multiply"
+
+    def adapt(self, kernel, bias, task):
+        k, _, cin, cout = kernel.shape
+        psi = self.variable("calib", "psi", lambda: jnp.ones((cout, cin))).value  # [O, I]
+        b = self.variable("calib", "b", lambda: jnp.zeros((cout,))).value
+        kernel = kernel * psi.T[None, None, :, :]  # tiled over the k x k window (HWIO)
+        return kernel, b if bias is None else bias + b
+
+    def post(self, y, task):
+        lam = self.variable("calib", "lam", lambda: jnp.ones((self.features,))).value
+        return y * lam if self.feature_calibration == "multiply" else y * lam + y
+
+
+class CalibDense(layers.Dense):
+    feature_calibration: str = "multiply"
+
+    def adapt(self, kernel, bias, task):
+        psi = self.variable("calib", "psi", lambda: jnp.ones((self.features,))).value  # [O]
+        b = self.variable("calib", "b", lambda: jnp.zeros((self.features,))).value
+        return kernel * psi[None, :], b if bias is None else bias + b
+
+    def post(self, y, task):
+        lam = self.variable("calib", "lam", lambda: jnp.ones((self.features,))).value
+        return y * lam if self.feature_calibration == "multiply" else y * lam + y
+
+
+def calibrated(model, feature_calibration: str = "multiply"):
+    """``model`` with every conv and dense layer calibrated."""
+    kw = {}
+    if hasattr(model, "conv"):
+        kw["conv"] = functools.partial(CalibConv, feature_calibration=feature_calibration)
+    if hasattr(model, "dense"):
+        kw["dense"] = functools.partial(CalibDense, feature_calibration=feature_calibration)
+    if not kw:
+        raise ValueError(f"NCCL calibrates conv and dense layers; {type(model).__name__} has none")
+    return model.clone(**kw)
+
+
+def calibrated_weights(params, calib):
+    """{path: (W, tile(psi))} of every calibrated kernel (the W of the EWC term)."""
+    out = {}
+
+    def visit(p, c, prefix):
+        for k, v in p.items():
+            if isinstance(v, dict):
+                visit(v, c.get(k, {}) if isinstance(c, dict) else {}, prefix + (k,))
+        if "kernel" in p and isinstance(c, dict) and "psi" in c:
+            w, psi = p["kernel"], c["psi"]
+            out[prefix] = (w, psi.T[None, None] if w.ndim == 4 else psi[None, :])
+
+    visit(params, calib, ())
+    return out
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def memory_init(size: int, x_shape, num_outputs: int) -> dict:
+    return {"x": jnp.zeros((size,) + tuple(x_shape), jnp.float32), "y": jnp.zeros((size,), jnp.int32),
+            "task": jnp.zeros((size,), jnp.int32), "q": jnp.zeros((size, num_outputs), jnp.float32),
+            "filled": jnp.zeros((size,), bool), "seen": jnp.zeros((), jnp.int32)}
+
+
+def reservoir_insert(mem: dict, x, y, task, q, mask, rng) -> dict:
+    """Algorithm R, one sample at a time (in order): the n-th sample seen replaces a random
+    slot with probability size / n, so every sample seen is kept with equal probability."""
+    size = mem["y"].shape[0]
+    x, y, task, q, mask = (jnp.asarray(a) for a in (x, y, task, q, mask))
+
+    def one(i, carry):
+        mem, key = carry
+        key, sub = jax.random.split(key)
+        n = mem["seen"]
+        j = jnp.where(n < size, n, jax.random.randint(sub, (), 0, jnp.maximum(n + 1, 1)))
+        keep = (mask[i] > 0) & (j < size)
+        slot = jnp.where(keep, j, 0)
+
+        def put(a, v):
+            return a.at[slot].set(jnp.where(keep, v, a[slot]))
+
+        mem = {**mem, "x": put(mem["x"], x[i]), "y": put(mem["y"], y[i]), "task": put(mem["task"], task[i]),
+               "q": put(mem["q"], q[i]), "filled": put(mem["filled"], True),
+               "seen": n + (mask[i] > 0).astype(jnp.int32)}
+        return mem, key
+
+    return jax.lax.fori_loop(0, x.shape[0], one, (mem, rng))[0]
+
+
+def ring_insert(mem: dict, x, y, task, q, mask, per_task: int) -> dict:
+    """Each task owns ``per_task`` consecutive slots, filled cyclically (GEM's memory)."""
+    x, y, task, q, mask = (jnp.asarray(a) for a in (x, y, task, q, mask))
+
+    def one(i, mem):
+        t = task[i]
+        slot = t * per_task + mem["seen_per_task"][t] % per_task
+        keep = mask[i] > 0
+
+        def put(a, v):
+            return a.at[slot].set(jnp.where(keep, v, a[slot]))
+
+        return {**mem, "x": put(mem["x"], x[i]), "y": put(mem["y"], y[i]), "task": put(mem["task"], t),
+                "q": put(mem["q"], q[i]), "filled": put(mem["filled"], True),
+                "seen_per_task": mem["seen_per_task"].at[t].add(keep.astype(jnp.int32)),
+                "seen": mem["seen"] + keep.astype(jnp.int32)}
+
+    return jax.lax.fori_loop(0, x.shape[0], one, mem)
+
+
+def memory_sample(mem: dict, rng, n: int, allowed=None):
+    """``n`` slots drawn uniformly with replacement among the filled (and allowed) ones;
+    ``ok`` is False when there is none."""
+    ok_slots = mem["filled"] if allowed is None else mem["filled"] & allowed
+    logits = jnp.where(ok_slots, 0.0, -jnp.inf)
+    idx = jax.random.categorical(rng, jnp.where(jnp.any(ok_slots), logits, 0.0), shape=(n,))
+    pick = {k: mem[k][idx] for k in ("x", "y", "task", "q")}
+    return pick, jnp.any(ok_slots)
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def make(config, model, info) -> base.Method:
+    m = config.method
+    for key, allowed in (("memory", ("reservoir", "ring")), ("feature_calibration", ("multiply", "add")),
+                         ("ewc_grad", ("outer", "last_inner"))):
+        if m[key] not in allowed:
+            raise ValueError(f"method.{key}: {m[key]!r} is not one of {', '.join(allowed)}")
+    num_tasks, temp, K = info.num_tasks, float(m.temperature), int(m.inner_steps)
+    if K < 1:
+        raise ValueError(f"method.inner_steps: must be >= 1, got {K}")
+    cmodel = calibrated(model, m.feature_calibration)
+    ring = m.memory == "ring"
+    mem_size = m.memory_size * (num_tasks if ring else 1)
+
+    def forward(theta, calib, model_state, x, task, rng):
+        return base.apply(cmodel, {"params": theta, "calib": calib}, model_state, x, task, train=True, rng=rng)
+
+    def kl_to_stored(z, q):
+        """KL(softmax(z / T) || q) = sum p (log p - log q), per sample (the issue's and W4's
+        definition; the authors' KLDivLoss(log_softmax(z / T), q) is the reverse, KL(q || p))."""
+        logp = jax.nn.log_softmax(z / temp, -1)
+        return jnp.sum(jnp.exp(logp) * (logp - jnp.log(jnp.maximum(q, 1e-12))), -1)
+
+    def init(rng, x):
+        state = base.init_state(cmodel, rng, x)
+        mem = memory_init(mem_size, x.shape[1:], info.num_outputs)
+        if ring:
+            mem["seen_per_task"] = jnp.zeros((num_tasks,), jnp.int32)
+        trainable = jax.tree_util.tree_map_with_path(
+            lambda p, w: jnp.asarray(getattr(p[0], "key", None) == "calib"), state.params)
+        return state.replace(trainable=trainable, extra={"memory": mem})
+
+    def inner(theta, calib, model_state, batch, task, rng, memory):
+        """The K inner SGD steps on theta (fast weights): step 1 on the incoming batch alone,
+        steps 2..K (a ``lax.scan``) on it plus a replay sample, in one forward. Returns the
+        fast weights, the batch-norm statistics, per-step losses, the incoming batch's
+        logits at step 1 (its soft targets) and the last step's gradient."""
+        allowed = memory["task"] < task if ring else None
+        x, y, msk = batch["x"], batch["y"], batch["mask"]
+        b = x.shape[0]
+        n_in = jnp.maximum(msk.sum(), 1.0)
+        clip = (lambda g: jax.tree_util.tree_map(lambda v: jnp.clip(v, -m.inner_clip, m.inner_clip), g)) \
+            if m.inner_clip > 0 else (lambda g: g)
+
+        def sgd(fast, g):
+            return jax.tree_util.tree_map(lambda p, v: p - m.inner_lr * v, fast, clip(g))
+
+        def first_loss(fast, ms):
+            z, ms = forward(fast, calib, ms, x, task, rng)
+            return jnp.sum(optax_ce(z, y) * msk) / n_in, (ms, z)
+
+        (l0, (ms, z_first)), g0 = jax.value_and_grad(first_loss, has_aux=True)(theta, model_state)
+        fast = sgd(theta, g0)
+
+        def replay_loss(fast, ms, key):
+            rep, have = memory_sample(memory, key, m.replay_batch, allowed)
+            z, ms = forward(fast, calib, ms, jnp.concatenate([x, rep["x"]]),
+                            jnp.concatenate([jnp.broadcast_to(task, (b,)), rep["task"]]), key)
+            z_in, z_r = z[:b], z[b:]
+            ce_in = jnp.sum(optax_ce(z_in, y) * msk) / n_in
+            replay = jnp.mean(optax_ce(z_r, rep["y"])) + m.reg * jnp.mean(kl_to_stored(z_r, rep["q"]))
+            return ce_in + jnp.where(have, m.gamma * replay, 0.0), ms
+
+        def body(carry, k):
+            fast, ms, _ = carry
+            (loss, ms), g = jax.value_and_grad(replay_loss, has_aux=True)(fast, ms, jax.random.fold_in(rng, k))
+            return (sgd(fast, g), ms, g), loss
+
+        (fast, ms, last_g), losses = jax.lax.scan(body, (fast, ms, g0), jnp.arange(1, K))
+        return fast, ms, jnp.concatenate([l0[None], losses]), z_first, last_g
+
+    def loss(params, state, batch, task, rng, phase):
+        theta, calib = params["params"], params["calib"]
+        memory = state.extra["memory"]
+        fast, ms, losses, z_first, last_g = inner(theta, calib, state.model_state, batch, task, rng, memory)
+        fast_out = fast if m.second_order else jax.lax.stop_gradient(fast)
+        rep, have = memory_sample(memory, jax.random.fold_in(rng, 10_000), m.replay_batch,
+                                  (memory["task"] < task) if ring else None)
+
+        def distill(fast_w, cal):
+            z, ms2 = forward(fast_w, cal, ms, rep["x"], rep["task"], rng)
+            return m.reg * jnp.mean(kl_to_stored(z, rep["q"])), ms2
+
+        # the distillation value (differentiated by the outer grad) and its gradient w.r.t.
+        # the weights (a constant, as the reference's .detach()) from one forward/backward
+        (kd, ms_out), g_theta = jax.value_and_grad(distill, has_aux=True)(fast_out, calib)
+        cw_now = calibrated_weights(fast_out, calib)
+        # W~ before the inner loop: constants, from the state the step starts from
+        cw_start = calibrated_weights(state.params["params"], state.params["calib"])
+        g_src = jax.lax.stop_gradient(g_theta) if m.ewc_grad == "outer" else last_g  # W4: last inner step, graph kept
+        g_w = calibrated_weights(g_src, calib)
+        ewc = 0.0
+        for path, (w, tile) in cw_now.items():
+            g = g_w[path][0] / (tile + 1e-12)  # dL/dW~ = (dL/dW) / tile(psi)
+            if m.ewc_grad == "outer":
+                g = jax.lax.stop_gradient(g)  # the reference's pg.detach(): a constant importance
+            w0, tile0 = cw_start[path]
+            ewc = ewc + jnp.sum(m.reg_ewc * g ** 2 * (w * tile - w0 * tile0) ** 2)
+        outer = jnp.where(have, kd + ewc, 0.0)
+        return outer, {"model_state": ms_out, "fast": jax.lax.stop_gradient(fast),
+                       "soft_targets": jax.lax.stop_gradient(jax.nn.softmax(z_first, -1)),
+                       "metrics": {"inner_first": losses[0], "inner_last": losses[-1], "outer_kd": kd,
+                                   "outer_ewc": ewc, "acc": base.accuracy(z_first, batch["y"], batch["mask"])}}
+
+    def after_step(state, aux, batch, task, rng, phase):
+        params = {**state.params, "params": aux["fast"]}  # theta takes the fast weights
+        mem = state.extra["memory"]
+        if m.update_memory:
+            tids = jnp.broadcast_to(task, batch["y"].shape)
+            if ring:
+                mem = ring_insert(mem, batch["x"], batch["y"], tids, aux["soft_targets"], batch["mask"],
+                                  m.memory_size)
+            else:
+                mem = reservoir_insert(mem, batch["x"], batch["y"], tids, aux["soft_targets"], batch["mask"],
+                                       jax.random.fold_in(rng, 20_000))
+        return state.replace(params=params, extra={**state.extra, "memory": mem})
+
+    def predict(state, x, task):
+        return base.apply(cmodel, state.params, state.model_state, x, task, train=False)[0]
+
+    return base.make("nccl", config, cmodel, init=init, loss=loss, after_step=after_step, predict=predict)
+
+
+def optax_ce(logits, labels):
+    """Per-sample softmax cross-entropy."""
+    import optax
+
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
