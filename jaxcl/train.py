@@ -68,6 +68,7 @@ def make_train_step(method: methods.Method, tx, augment: bool) -> Callable:
             batch = {**batch, "x": data.augment(batch["x"], jax.random.fold_in(rng, 1))}
         (loss, aux), grads = jax.value_and_grad(method.loss, has_aux=True)(
             state.params, state, batch, task, rng, phase)
+        grads = method.transform_grads(grads, state, batch, task, rng, phase)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         # Masking after the optimizer: a frozen weight keeps its exact bits whatever the
         # optimizer's momentum or weight decay would have done.

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxcl import data, methods, models, optim, train
-from jaxcl.methods import base, nccl
+from jaxcl.methods import _memory, base, nccl
 from jaxcl.models import _MODELS
 
 
@@ -25,7 +25,7 @@ def filled(state, stream, n=30, key=1):
     p = data.pool(stream, 0)
     b = next(data.batches(p, n, data.epoch_order(len(p), 0, key)))
     q = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(key), (n, stream.info.num_outputs)))
-    mem = nccl.reservoir_insert(state.extra["memory"], b["x"], b["y"], jnp.zeros(n, jnp.int32), q,
+    mem = _memory.reservoir_insert(state.extra["memory"], b["x"], b["y"], jnp.zeros(n, jnp.int32), q,
                                 jnp.ones(n), jax.random.PRNGKey(key))
     return state.replace(extra={**state.extra, "memory": mem})
 
@@ -52,14 +52,14 @@ def test_calibration_parameter_count_of_w4():
 
 def test_reservoir_keeps_its_bound_and_every_sample_with_equal_probability():
     size, n, trials = 10, 50, 3000
-    mem0 = nccl.memory_init(size, (1,), 2)
+    mem0 = _memory.memory_init(size, (1,), 2)
     x = jnp.arange(n, dtype=jnp.float32)[:, None]
 
     def run(key):
         mem = mem0
         for start in range(0, n, 10):  # in batches of 10, as the online stream
             sl = slice(start, start + 10)
-            mem = nccl.reservoir_insert(mem, x[sl], jnp.zeros(10, jnp.int32), jnp.zeros(10, jnp.int32),
+            mem = _memory.reservoir_insert(mem, x[sl], jnp.zeros(10, jnp.int32), jnp.zeros(10, jnp.int32),
                                         jnp.zeros((10, 2)), jnp.ones(10), jax.random.fold_in(key, start))
         return mem
 
@@ -74,10 +74,10 @@ def test_reservoir_keeps_its_bound_and_every_sample_with_equal_probability():
 
 
 def test_ring_memory_gives_each_task_its_slots():
-    mem = nccl.memory_init(3 * 4, (1,), 2)
+    mem = _memory.memory_init(3 * 4, (1,), 2)
     mem["seen_per_task"] = jnp.zeros(3, jnp.int32)
     x = jnp.arange(10, dtype=jnp.float32)[:, None]
-    mem = nccl.ring_insert(mem, x, jnp.zeros(10, jnp.int32), jnp.full(10, 1, jnp.int32), jnp.zeros((10, 2)),
+    mem = _memory.ring_insert(mem, x, jnp.zeros(10, jnp.int32), jnp.full(10, 1, jnp.int32), jnp.zeros((10, 2)),
                            jnp.ones(10), 4)
     assert np.asarray(mem["filled"]).tolist() == [False] * 4 + [True] * 4 + [False] * 4
     assert sorted(np.asarray(mem["x"][4:8, 0]).tolist()) == [6.0, 7.0, 8.0, 9.0]  # the last 4, cyclically
@@ -136,7 +136,7 @@ def test_scanned_inner_loop_equals_the_steps_written_out(make_config):
     g = jax.grad(lambda th: nccl.optax_ce(fwd(th, x, task), y).mean())(fast)  # step 1: incoming only
     fast = jax.tree_util.tree_map(lambda p, v: p - mcfg.inner_lr * v, fast, clip(g))
     for k in range(1, mcfg.inner_steps):  # steps 2..K, written out
-        rep, _ = nccl.memory_sample(state.extra["memory"], jax.random.fold_in(rng, k), mcfg.replay_batch)
+        rep, _ = _memory.memory_sample(state.extra["memory"], jax.random.fold_in(rng, k), mcfg.replay_batch)
 
         def lk(th):
             z = fwd(th, jnp.concatenate([x, rep["x"]]), jnp.concatenate([jnp.full(10, 1), rep["task"]]))

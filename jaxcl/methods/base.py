@@ -16,6 +16,7 @@ The training loop (:mod:`jaxcl.train`) drives every method the same way::
         for phase in phases(t):                        # Phase(name, epochs, lr, milestones)
             for each batch:                            # ONE jitted step, t traced
                 grads = grad(loss)(state.params, state, batch, t, rng, phase.name)
+                grads = transform_grads(grads, state, batch, t, rng, phase.name)
                 updates = optimizer(grads)
                 params = where(state.trainable, params + updates, params)
                 state = after_step(state, aux, batch, t, rng, phase.name)
@@ -75,6 +76,7 @@ class Method(NamedTuple):
     init: Callable[[jax.Array, jax.Array], State]
     begin_task: Callable[[State, jax.Array], State]
     loss: Callable[..., tuple[jax.Array, dict]]  # (params, state, batch, task, rng, phase)
+    transform_grads: Callable[..., Any]  # (grads, state, batch, task, rng, phase): e.g. A-GEM's projection
     after_step: Callable[..., State]  # (state, aux, batch, task, rng, phase)
     consolidate: Optional[Callable[..., State]]  # (state, batch, task, phase), over the task's data
     after_phase: Callable[[State, jax.Array, str], State]
@@ -160,6 +162,10 @@ def _identity_step(state, aux, batch, task, rng, phase):
     return state
 
 
+def _identity_grads(grads, state, batch, task, rng, phase):
+    return grads
+
+
 def _identity_phase(state, task, phase):
     return state
 
@@ -169,8 +175,8 @@ def epochs(config, n: int | None = None) -> int:
     return 1 if config.online else (config.epochs if n is None else n)
 
 
-def make(name: str, config, model, *, init=None, loss=None, begin_task=None, after_step=None,
-         consolidate=None, after_phase=None, predict=None, phases=None, data: str = "current",
+def make(name: str, config, model, *, init=None, loss=None, transform_grads=None, begin_task=None,
+         after_step=None, consolidate=None, after_phase=None, predict=None, phases=None, data: str = "current",
          report=None) -> Method:
     """A Method with the plain behaviour wherever a function is not given."""
     single = (Phase("train", epochs(config)),)
@@ -179,6 +185,7 @@ def make(name: str, config, model, *, init=None, loss=None, begin_task=None, aft
         init=init or (lambda rng, x: init_state(model, rng, x)),
         begin_task=begin_task or _identity_task,
         loss=loss or classification_loss(model, per_sample_task=data == "cumulative"),
+        transform_grads=transform_grads or _identity_grads,
         after_step=after_step or _identity_step,
         consolidate=consolidate,
         after_phase=after_phase or _identity_phase,
