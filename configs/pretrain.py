@@ -28,4 +28,5 @@ def get_config(arg=None):
     c.optimizer.weight_decay = 5e-4
     c.optimizer.schedule = "cosine"
     c.method.name = "finetune"
+    c.checkpoint.every_steps = 500  # a long single-task run: resume mid-task if it dies
     return cfglib.finalize(c, arg)

@@ -68,6 +68,7 @@ def make_train_step(method: methods.Method, tx, augment: bool) -> Callable:
             batch = {**batch, "x": data.augment(batch["x"], jax.random.fold_in(rng, 1))}
         (loss, aux), grads = jax.value_and_grad(method.loss, has_aux=True)(
             state.params, state, batch, task, rng, phase)
+        grads_raw = grads
         grads = method.transform_grads(grads, state, batch, task, rng, phase)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         # Masking after the optimizer: a frozen weight keeps its exact bits whatever the
@@ -82,7 +83,9 @@ def make_train_step(method: methods.Method, tx, augment: bool) -> Callable:
             step=state.step + 1,
             bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step),
         )
-        new = method.after_step(new, aux, batch, task, rng, phase)
+        # after_step also sees the loss gradient (before transform_grads) and the
+        # parameters before the update (SI's path integral); unused, XLA drops them
+        new = method.after_step(new, {**aux, "grads": grads_raw, "prev_params": state.params}, batch, task, rng, phase)
         return new, {"loss": loss, **aux.get("metrics", {})}
 
     return train_step

@@ -3,7 +3,13 @@ arrays in the method's state, so they live on the device, checkpoint with the re
 state and never change shape.
 
 * reservoir (Vitter's Algorithm R): every sample seen is kept with equal probability;
-* ring: ``per_task`` slots per task, filled cyclically (GEM's episodic memory).
+* ring: ``per_task`` slots per task, filled cyclically (GEM's episodic memory);
+* balanced: class-balanced reservoir (CBRS, Chrysakis & Moens, ICML 2020): while there is
+  room every sample is stored; then a sample of a class that is not among the largest in
+  memory replaces a random sample of a largest class, and a sample of a largest class c
+  replaces a random sample of c with probability (c's slots) / (c's samples seen). Each
+  class ends with an equal share, a uniform sample of that class's stream (what
+  Avalanche's adaptive ``ClassBalancedBuffer`` keeps).
 
 A memory is a dict of arrays ``x, y, task, q`` (soft targets or logits stored with the
 sample), ``filled`` and the count ``seen``.
@@ -64,6 +70,62 @@ def ring_insert(mem: dict, x, y, task, q, mask, per_task: int) -> dict:
                 "seen": mem["seen"] + keep.astype(jnp.int32)}
 
     return jax.lax.fori_loop(0, x.shape[0], one, mem)
+
+
+def balanced_init(size: int, x_shape, num_outputs: int, num_classes: int) -> dict:
+    mem = memory_init(size, x_shape, num_outputs)
+    mem["cls"] = jnp.zeros((size,), jnp.int32)
+    mem["seen_per_class"] = jnp.zeros((num_classes,), jnp.int32)
+    return mem
+
+
+def balanced_insert(mem: dict, x, y, task, q, mask, cls, rng) -> dict:
+    """CBRS, one sample at a time; ``cls`` is each sample's class id over the whole
+    stream (what the balance is over)."""
+    size, num_classes = mem["y"].shape[0], mem["seen_per_class"].shape[0]
+    x, y, task, q, mask, cls = (jnp.asarray(a) for a in (x, y, task, q, mask, cls))
+
+    def pick(key, ok):
+        return jax.random.categorical(key, jnp.where(jnp.any(ok), jnp.where(ok, 0.0, -jnp.inf), 0.0))
+
+    def one(i, carry):
+        mem, key = carry
+        key, k_big, k_own, k_acc = jax.random.split(key, 4)
+        c, valid = cls[i], mask[i] > 0
+        seen_c = mem["seen_per_class"][c] + 1
+        counts = jnp.zeros((num_classes,), jnp.int32).at[mem["cls"]].add(mem["filled"].astype(jnp.int32))
+        full = jnp.all(mem["filled"])
+        largest = counts.max()
+        c_largest = counts[c] == largest
+        slot_free = jnp.argmin(mem["filled"])
+        slot_big = pick(k_big, mem["filled"] & (counts[mem["cls"]] == largest))
+        slot_own = pick(k_own, mem["filled"] & (mem["cls"] == c))
+        accept = jax.random.uniform(k_acc) * seen_c < counts[c]
+        slot = jnp.where(~full, slot_free, jnp.where(c_largest, slot_own, slot_big))
+        keep = valid & (~full | ~c_largest | accept)
+
+        def put(a, v):
+            return a.at[slot].set(jnp.where(keep, v, a[slot]))
+
+        mem = {**mem, "x": put(mem["x"], x[i]), "y": put(mem["y"], y[i]), "task": put(mem["task"], task[i]),
+               "q": put(mem["q"], q[i]), "cls": put(mem["cls"], c), "filled": put(mem["filled"], True),
+               "seen_per_class": mem["seen_per_class"].at[c].add(valid.astype(jnp.int32)),
+               "seen": mem["seen"] + valid.astype(jnp.int32)}
+        return mem, key
+
+    return jax.lax.fori_loop(0, x.shape[0], one, (mem, rng))[0]
+
+
+def global_classes(info):
+    """``(num_classes, fn)``: the number of classes over the stream and ``fn(y, task)``,
+    a label's class id over the stream (labels restart at 0 per task in the task-
+    incremental scenario; elsewhere they already are stream-wide)."""
+    import numpy as np
+
+    if info.scenario == "task":
+        offsets = jnp.asarray(np.concatenate([[0], np.cumsum(info.task_classes)[:-1]]), jnp.int32)
+        return int(sum(info.task_classes)), lambda y, task: y + offsets[task]
+    return int(info.num_outputs), lambda y, task: y
 
 
 def memory_sample(mem: dict, rng, n: int, allowed=None):

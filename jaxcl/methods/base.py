@@ -77,7 +77,8 @@ class Method(NamedTuple):
     begin_task: Callable[[State, jax.Array], State]
     loss: Callable[..., tuple[jax.Array, dict]]  # (params, state, batch, task, rng, phase)
     transform_grads: Callable[..., Any]  # (grads, state, batch, task, rng, phase): e.g. A-GEM's projection
-    after_step: Callable[..., State]  # (state, aux, batch, task, rng, phase)
+    after_step: Callable[..., State]  # (state, aux, batch, task, rng, phase); aux: the loss's aux plus
+    # 'grads' (the loss gradient, before transform_grads) and 'prev_params' (before the update)
     consolidate: Optional[Callable[..., State]]  # (state, batch, task, phase), over the task's data
     after_phase: Callable[[State, jax.Array, str], State]
     predict: Callable[[State, jax.Array, jax.Array], jax.Array]  # (state, x, task) -> logits

@@ -1,8 +1,9 @@
 """Experience replay: a reservoir memory of the samples seen (``method.memory_size`` in
-all; ``memory=ring`` keeps ``memory_size`` per task instead); each step trains on the
-incoming batch plus ``replay_batch`` samples drawn from the memory, in one forward
-(``CE(incoming) + CE(replay)``, as Avalanche's and Mammoth's ER), then stores the incoming
-batch. The memory is the one NCCL uses (``_memory``)."""
+all; ``memory=ring`` keeps ``memory_size`` per task instead; ``memory=balanced`` is a
+class-balanced reservoir of ``memory_size``, as the ContinualAI baselines' ER); each step trains on the
+incoming batch plus ``replay_batch`` samples drawn from the memory, in one forward, on the
+mean cross-entropy over the concatenated batch (as Avalanche's ReplayPlugin and Mammoth's
+ER; the incoming batch alone while the memory is empty), then stores the incoming batch. The memory is the one NCCL uses (``_memory``)."""
 from __future__ import annotations
 
 import jax
@@ -17,14 +18,18 @@ def defaults() -> dict:
 
 def make(config, model, info) -> base.Method:
     m = config.method
-    if m.memory not in ("reservoir", "ring"):
-        raise ValueError(f"method.memory: {m.memory!r} is not one of reservoir, ring")
+    if m.memory not in ("reservoir", "ring", "balanced"):
+        raise ValueError(f"method.memory: {m.memory!r} is not one of reservoir, ring, balanced")
     ring = m.memory == "ring"
     size = m.memory_size * (info.num_tasks if ring else 1)
+    num_classes, class_of = _memory.global_classes(info)
 
     def init(rng, x):
         state = base.init_state(model, rng, x)
-        mem = _memory.memory_init(size, x.shape[1:], info.num_outputs)
+        if m.memory == "balanced":
+            mem = _memory.balanced_init(size, x.shape[1:], info.num_outputs, num_classes)
+        else:
+            mem = _memory.memory_init(size, x.shape[1:], info.num_outputs)
         if ring:
             mem["seen_per_task"] = jnp.zeros((info.num_tasks,), jnp.int32)
         return state.replace(extra={"memory": mem})
@@ -37,7 +42,9 @@ def make(config, model, info) -> base.Method:
         z, model_state = base.apply(model, params, state.model_state, x, t, train=True, rng=rng)
         ce = base.cross_entropy(z[:b], batch["y"], batch["mask"])
         ce_r = jnp.where(have, base.cross_entropy(z[b:], rep["y"]), 0.0)
-        return ce + ce_r, {"model_state": model_state,
+        n_in, n_rep = batch["mask"].sum(), jnp.where(have, float(m.replay_batch), 0.0)
+        total = (ce * n_in + ce_r * n_rep) / jnp.maximum(n_in + n_rep, 1.0)
+        return total, {"model_state": model_state,
                            "metrics": {"ce": ce, "ce_replay": ce_r, "acc": base.accuracy(z[:b], batch["y"], batch["mask"])}}
 
     def after_step(state, aux, batch, task, rng, phase):
@@ -46,6 +53,9 @@ def make(config, model, info) -> base.Method:
         q = jnp.zeros(batch["y"].shape + (info.num_outputs,))
         if ring:
             mem = _memory.ring_insert(mem, batch["x"], batch["y"], tids, q, batch["mask"], m.memory_size)
+        elif m.memory == "balanced":
+            mem = _memory.balanced_insert(mem, batch["x"], batch["y"], tids, q, batch["mask"],
+                                          class_of(batch["y"], tids), jax.random.fold_in(rng, 2))
         else:
             mem = _memory.reservoir_insert(mem, batch["x"], batch["y"], tids, q, batch["mask"], jax.random.fold_in(rng, 2))
         return state.replace(extra={**state.extra, "memory": mem})

@@ -39,8 +39,7 @@ def defaults() -> dict:
 def make(config, model, info) -> base.Method:
     lam = config.method.ewc_lambda
     estimate = config.method.fisher
-    if estimate not in ("batch", "empirical"):
-        raise ValueError(f"method.fisher: {estimate!r} is not one of batch, empirical")
+    check_estimate(estimate)
     plain_loss = base.classification_loss(model)
 
     def init(rng, x):
@@ -66,6 +65,42 @@ def make(config, model, info) -> base.Method:
         aux["metrics"]["ewc_penalty"] = pen
         return ce + lam * pen, aux
 
+    consolidate = fisher_consolidate(model, estimate)
+
+    def after_phase(state, task, phase):
+        """Fold task ``task``'s quadratic F (theta - a)^2 into A (theta - m)^2 + c."""
+        e = dict(state.extra)
+        fisher = accumulated_fisher(e)
+
+        def fold(a_old, m_old, f, p):
+            a_new = a_old + f
+            safe = jnp.where(a_new > 0, a_new, 1.0)
+            m_new = jnp.where(a_new > 0, m_old + (f / safe) * (p - m_old), p)  # exact p when a_old = 0
+            gap = jnp.sum(jnp.where(a_new > 0, a_old * f / safe, 0.0) * (m_old - p) ** 2)
+            return a_new, m_new, gap
+
+        folded = jax.tree_util.tree_map(fold, e["importance"], e["anchor"], fisher, state.params)
+        is_triple = lambda x: isinstance(x, tuple)  # noqa: E731
+        e["importance"] = jax.tree_util.tree_map(lambda t: t[0], folded, is_leaf=is_triple)
+        e["anchor"] = jax.tree_util.tree_map(lambda t: t[1], folded, is_leaf=is_triple)
+        e["const"] = e["const"] + sum(t[2] for t in jax.tree_util.tree_leaves(folded, is_leaf=is_triple))
+        return state.replace(extra=reset_fisher(e))
+
+    return base.make("ewc", config, model, init=init, loss=loss, consolidate=consolidate, after_phase=after_phase)
+
+
+# ----------------------------------------------------------------------------- shared with online_ewc
+
+
+def check_estimate(estimate: str) -> None:
+    if estimate not in ("batch", "empirical"):
+        raise ValueError(f"method.fisher: {estimate!r} is not one of batch, empirical")
+
+
+def fisher_consolidate(model, estimate: str):
+    """``consolidate``: add the batch's squared gradients to ``extra['acc']`` and their
+    count to ``extra['count']`` (the Fisher estimate is ``acc / count``)."""
+
     def eval_ce(params, model_state, x, y, mask, task):
         logits, _ = base.apply(model, params, model_state, x, task, train=False)
         return base.cross_entropy(logits, y, mask)
@@ -87,25 +122,13 @@ def make(config, model, info) -> base.Method:
         extra["count"] = extra["count"] + n
         return state.replace(extra=extra)
 
-    def after_phase(state, task, phase):
-        """Fold task ``task``'s quadratic F (theta - a)^2 into A (theta - m)^2 + c."""
-        e = dict(state.extra)
-        fisher = jax.tree_util.tree_map(lambda a: a / jnp.maximum(e["count"], 1.0), e["acc"])
+    return consolidate
 
-        def fold(a_old, m_old, f, p):
-            a_new = a_old + f
-            safe = jnp.where(a_new > 0, a_new, 1.0)
-            m_new = jnp.where(a_new > 0, m_old + (f / safe) * (p - m_old), p)  # exact p when a_old = 0
-            gap = jnp.sum(jnp.where(a_new > 0, a_old * f / safe, 0.0) * (m_old - p) ** 2)
-            return a_new, m_new, gap
 
-        folded = jax.tree_util.tree_map(fold, e["importance"], e["anchor"], fisher, state.params)
-        is_triple = lambda x: isinstance(x, tuple)  # noqa: E731
-        e["importance"] = jax.tree_util.tree_map(lambda t: t[0], folded, is_leaf=is_triple)
-        e["anchor"] = jax.tree_util.tree_map(lambda t: t[1], folded, is_leaf=is_triple)
-        e["const"] = e["const"] + sum(t[2] for t in jax.tree_util.tree_leaves(folded, is_leaf=is_triple))
-        e["acc"] = jax.tree_util.tree_map(jnp.zeros_like, e["acc"])
-        e["count"] = jnp.zeros((), jnp.float32)
-        return state.replace(extra=e)
+def accumulated_fisher(extra):
+    return jax.tree_util.tree_map(lambda a: a / jnp.maximum(extra["count"], 1.0), extra["acc"])
 
-    return base.make("ewc", config, model, init=init, loss=loss, consolidate=consolidate, after_phase=after_phase)
+
+def reset_fisher(extra):
+    return {**extra, "acc": jax.tree_util.tree_map(jnp.zeros_like, extra["acc"]),
+            "count": jnp.zeros((), jnp.float32)}
