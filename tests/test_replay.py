@@ -80,3 +80,18 @@ def test_er_reduces_forgetting_in_class_incremental_split_digits(make_config, tm
     er = jaxcl.run(make_config("split_digits:method=er", method__memory_size=100, method__replay_batch=16, **sets),
                    tmp_path / "er", echo=lambda s: None)
     assert er["acc"] > ft["acc"] + 0.3
+
+
+def test_memory_sample_draws_uniformly_among_filled_allowed_slots():
+    mem = _memory.memory_init(12, (1,), 1)
+    filled = jnp.asarray([1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1, 0], bool)
+    allowed = jnp.asarray([1, 0, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1], bool)  # usable: 0, 3, 5, 8, 10
+    mem = {**mem, "filled": filled, "x": jnp.arange(12, dtype=jnp.float32)[:, None]}
+    pick, ok = jax.jit(lambda k: _memory.memory_sample(mem, k, 50_000, allowed))(jax.random.PRNGKey(0))
+    assert bool(ok)
+    got = np.bincount(np.asarray(pick["x"][:, 0], int), minlength=12)
+    usable = [0, 3, 5, 8, 10]
+    assert set(np.nonzero(got)[0]) == set(usable)
+    np.testing.assert_allclose(got[usable] / 50_000, 0.2, atol=0.01)
+    _, ok = _memory.memory_sample(mem, jax.random.PRNGKey(1), 4, jnp.zeros(12, bool))
+    assert not bool(ok)

@@ -130,9 +130,12 @@ def global_classes(info):
 
 def memory_sample(mem: dict, rng, n: int, allowed=None):
     """``n`` slots drawn uniformly with replacement among the filled (and allowed) ones;
-    ``ok`` is False when there is none."""
+    ``ok`` is False when there is none. One integer draw per sample and a search in the
+    running count of usable slots (a categorical draw would need n x size Gumbel numbers:
+    19 ms of A-GEM's 22 ms step at 256 x 4250 on a 2-core CPU)."""
     ok_slots = mem["filled"] if allowed is None else mem["filled"] & allowed
-    logits = jnp.where(ok_slots, 0.0, -jnp.inf)
-    idx = jax.random.categorical(rng, jnp.where(jnp.any(ok_slots), logits, 0.0), shape=(n,))
+    count = jnp.cumsum(ok_slots.astype(jnp.int32))
+    r = jax.random.randint(rng, (n,), 0, jnp.maximum(count[-1], 1))
+    idx = jnp.minimum(jnp.searchsorted(count, r, side="right"), count.shape[0] - 1)  # the (r+1)-th usable slot
     pick = {k: mem[k][idx] for k in ("x", "y", "task", "q")}
-    return pick, jnp.any(ok_slots)
+    return pick, count[-1] > 0

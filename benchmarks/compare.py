@@ -1,5 +1,8 @@
-"""NCCL next to ER and A-GEM at equal memory, online, on the real data of ../shared/data:
-several seeds, mean and spread. (Issue 6's accuracy comparison.)
+"""Methods side by side on one stream, on the real data of ../shared/data: several seeds,
+mean and spread of ACC and BWT. The setting is a benchmark config name (every method
+with that config's settings and its per-method defaults, e.g. ``split_mnist`` for ResCL
+next to finetune, LwF and joint) or one of the presets below (NCCL next to ER and A-GEM
+at equal memory, online):
 
 * ``pmnist``: online Permuted-MNIST (La-MAML/NCCL setting: 20 tasks of 1000 training
   samples, MLP 2x100, batch 10, one pass, domain-incremental), memory 200 samples in all
@@ -8,8 +11,9 @@ several seeds, mean and spread. (Issue 6's accuracy comparison.)
   task-incremental), memory 200; ``--train-limit`` samples per task (the full stream is
   5 x 10,000 bilevel calls: hours on 2 CPU cores).
 
-    python benchmarks/online_accuracy.py pmnist --seeds 0 1 2
-    python benchmarks/online_accuracy.py cifar10 --seeds 0 --train-limit 200
+    python benchmarks/compare.py pmnist --seeds 0 1 2
+    python benchmarks/compare.py cifar10 --seeds 0 --train-limit 200
+    python benchmarks/compare.py split_mnist --methods rescl finetune lwf joint --seeds 0 1 2
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ SETTINGS = {
 
 
 def method_sets(name: str, memory: int, tasks: int) -> list[str]:
+    if not memory:  # a plain benchmark config: its own per-method settings
+        return []
     if name == "er":
         return [f"method.memory_size={memory}", "method.replay_batch=10"]
     if name == "agem":
@@ -48,15 +54,15 @@ def method_sets(name: str, memory: int, tasks: int) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("setting", choices=list(SETTINGS))
+    ap.add_argument("setting", help=f"a preset ({', '.join(SETTINGS)}) or a benchmark config name")
     ap.add_argument("--methods", nargs="+", default=["nccl", "er", "agem", "finetune"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--train-limit", type=int, default=0)
     ap.add_argument("--data-dir", default=os.environ.get("JAXCL_DATA_DIR", str(HERE.parents[1] / "shared" / "data")))
-    ap.add_argument("--workdir", default="runs/online_accuracy")
+    ap.add_argument("--workdir", default="runs/compare")
     ap.add_argument("--set", action="append", default=[], help="extra --set for every run")
     args = ap.parse_args(argv)
-    bench, sets, memory, tasks = SETTINGS[args.setting]
+    bench, sets, memory, tasks = SETTINGS.get(args.setting, (args.setting, [], 0, 1))
     if args.train_limit:
         sets = sets + [f"data.train_limit={args.train_limit}"]
     table = {}
@@ -76,7 +82,7 @@ def main(argv=None) -> int:
                               "command": f"jaxcl run {bench}:method={name} " + " ".join(f"--set {s}" for s in all_sets[1:])}),
                   flush=True)
         table[name] = (np.mean(accs), np.std(accs), np.mean(bwts), np.std(bwts))
-    print(f"\n{args.setting}, seeds {args.seeds}, memory {memory}:")
+    print(f"\n{args.setting}, seeds {args.seeds}" + (f", memory {memory}:" if memory else ":"))
     print(f"{'method':<10} {'ACC':>16} {'BWT':>16}")
     for name, (a, sa, b, sb) in table.items():
         print(f"{name:<10} {a:>8.4f} +- {sa:.4f} {b:>8.4f} +- {sb:.4f}")
