@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     print(f"{'row':<14} {'ours':>7} {'reference':>10} {'within':>7}   ({platform.processor() or platform.machine()}, "
           f"{time.strftime('%Y-%m-%d')})")
     for row in out:
-        print(f"{row['row']:<14} {row['acc']:>7.3f} {row['target']:>6.2f}+-{row['tolerance']:.2f} "
+        print(f"{row['row']:<14} {row['acc']:>7.3f} {row['target']:>6.3f}+-{row['tolerance']:.2f} "
               f"{'yes' if row['within'] else 'NO':>7}")
     return 0 if all(r["within"] for r in out) else 1
 

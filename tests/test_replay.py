@@ -50,6 +50,25 @@ def test_agem_projection_never_points_against_the_memory_gradient(make_config):
     jax.tree_util.tree_map(np.testing.assert_array_equal, none, conflict)
 
 
+def test_agem_per_tensor_projection_makes_each_tensor_agree_with_its_reference(make_config):
+    c, stream, m, s, b = built(make_config, "agem", method__sample_size=32, method__projection="per_tensor")
+    s = with_memory(s, stream, task=0)
+    t, rng = jnp.int32(1), jax.random.PRNGKey(4)
+    g = jax.grad(lambda p: m.loss(p, s, b, t, rng, "train")[0])(s.params)
+    g_ref, _ = jax.jit(lambda st: _ref(m, st, t, rng))(s)
+    # conflict in some tensors only: those get projected, the others pass untouched
+    signs = {i: (-3.0 if i % 2 else 3.0) for i in range(len(jax.tree_util.tree_leaves(g)))}
+    flat_g, tdef = jax.tree_util.tree_flatten(g)
+    flat_r = jax.tree_util.tree_leaves(g_ref)
+    mixed = tdef.unflatten([a + signs[i] * r for i, (a, r) in enumerate(zip(flat_g, flat_r))])
+    out = jax.tree_util.tree_leaves(m.transform_grads(mixed, s, b, t, rng, "train"))
+    for i, (o, x, r) in enumerate(zip(out, jax.tree_util.tree_leaves(mixed), flat_r)):
+        if float(jnp.vdot(x, r)) < 0:
+            assert float(jnp.vdot(o, r)) >= -1e-5 * float(jnp.vdot(r, r)), i
+        else:
+            np.testing.assert_array_equal(o, x)
+
+
 def _ref(m, s, t, rng):
     # the reference gradient A-GEM computes inside transform_grads (same key)
     from jaxcl.methods import agem  # noqa: F401

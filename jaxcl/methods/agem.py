@@ -4,7 +4,9 @@ the episodic memory. With g the gradient on the incoming batch and g_ref the gra
 
     g' = g - (g . g_ref / g_ref . g_ref) g_ref   if g . g_ref < 0,   else g
 
-(``transform_grads``, computed over every parameter at once). The memory keeps
+(``transform_grads``, computed over every parameter at once, as the paper and current
+Avalanche; ``method.projection=per_tensor`` projects each parameter tensor on its own
+part of g_ref, as Avalanche's AGEMPlugin did up to its 0.1 release). The memory keeps
 ``patterns_per_task`` samples of each task (a ring per task, GEM's episodic memory);
 samples are stored as they stream by, as Avalanche's AGEMPlugin keeps a task's patterns."""
 from __future__ import annotations
@@ -16,11 +18,13 @@ from jaxcl.methods import _memory, base
 
 
 def defaults() -> dict:
-    return {"patterns_per_task": 250, "sample_size": 256}
+    return {"patterns_per_task": 250, "sample_size": 256, "projection": "global"}
 
 
 def make(config, model, info) -> base.Method:
     m = config.method
+    if m.projection not in ("global", "per_tensor"):
+        raise ValueError(f"method.projection: {m.projection!r} is not one of global, per_tensor")
     num_tasks = info.num_tasks
     plain = base.classification_loss(model)
 
@@ -42,6 +46,12 @@ def make(config, model, info) -> base.Method:
 
     def transform_grads(grads, state, batch, task, rng, phase):
         g_ref, have = reference_grad(state, task, jax.random.fold_in(rng, 1))
+        if m.projection == "per_tensor":
+            def project(a, b):
+                d = jnp.vdot(a, b)
+                return a - jnp.where(have & (d < 0), d / jnp.maximum(jnp.vdot(b, b), 1e-12), 0.0) * b
+
+            return jax.tree_util.tree_map(project, grads, g_ref)
         dot = sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(g_ref)))
         ref2 = sum(jnp.vdot(b, b) for b in jax.tree_util.tree_leaves(g_ref))
         coef = jnp.where(have & (dot < 0), dot / jnp.maximum(ref2, 1e-12), 0.0)

@@ -230,6 +230,11 @@ def make(config, model, info) -> base.Method:
             return ce, {"model_state": model_state, "metrics": {"ce": ce, "acc": base.accuracy(logits, y, mask)}}
         # stage 2: the combined network against the frozen source and the stage-1 network
         frozen = jax.lax.stop_gradient
+        # the source branch is a constant here: no weight-gradient convolutions for it (the
+        # slowest kind on XLA:CPU); its input gradients still flow
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, w: w if (layers.is_per_task(p) or getattr(p[0], "key", None) == "rescl" or _is_target(p))
+            else frozen(w), params)
         z_all, model_state = base.apply(models["combined"], params, state.model_state, x, "all", train=True, rng=rng)
         if "source_logits" in batch:  # recorded once before training (all heads), as ../shared/peers W5 does
             src_all = frozen(batch["source_logits"])
