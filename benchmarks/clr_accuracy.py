@@ -3,8 +3,9 @@ stream of ``multi_dataset:method=clr`` (MNIST and Fashion-MNIST, 2 tasks of 5 cl
 each), learned by
 
 * CLR (``method=clr``, variant ``reduced``): per-task reprogramming, batch norm and head;
-* the linear probe (``method.variant=head``): a per-task head on the frozen backbone
-  (the paper's SGD-LL-style lower bound for a frozen backbone);
+* the linear probe (``method.variant=head``): a per-task head on the frozen backbone;
+* SGD-LL (``method=sgd_ll``): the frozen backbone and one last layer shared by every task
+  (the CLR paper's baseline);
 * fine-tuning (``method=finetune``): the whole network trained task after task;
 * per-task full fine-tuning: a separate copy of the backbone fine-tuned on each task
   alone (one single-task run per task): the upper bound, at a whole network per task.
@@ -57,6 +58,7 @@ def main(argv=None) -> int:
     rows = {}
     rows["clr (reduced)"] = run("multi_dataset:method=clr", stream, root / "clr")
     rows["linear probe"] = run("multi_dataset:method=clr", stream + ["method.variant=head"], root / "probe")
+    rows["sgd_ll"] = run("multi_dataset:method=clr", stream + ["method.name=sgd_ll"], root / "sgd_ll")
     rows["finetune"] = run("multi_dataset:method=clr", stream + ["method.name=finetune"], root / "finetune")
     # per-task full fine-tuning: each task alone (data.tasks=(k,)), from the pretrained backbone
     accs, walls = [], 0.0
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
         rep = r.get("method_report") or {}
         per_task_params = (rep.get("clr_per_task", 0) + rep.get("bn_per_task", 0) + rep.get("head_per_task", 0)
                            if rep else r["params"]["backbone"] + r["params"]["head_per_task"])
+        if name == "sgd_ll":  # one trainable layer, shared by every task
+            per_task_params = r["params"]["heads_total"]
         table.append({"run": name, "acc": round(r["acc"], 4), "bwt": round(r["bwt"], 4),
                       "per_task_params": int(per_task_params), "diag": [round(x, 4) for x in np.diag(r["accuracy_matrix"])],
                       "wall_s": round(r["wall_s"], 1)})
