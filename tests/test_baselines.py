@@ -196,3 +196,18 @@ def test_class_balanced_memory_keeps_a_uniform_sample_of_each_class():
         assert len(x) == 10
         first.append(np.mean(x < 50))
     assert abs(np.mean(first) - 0.5) < 0.1
+
+
+@pytest.mark.parametrize("name,sets,msg", [
+    ("si", {"method__xi": 0.0}, "method.xi"),
+    ("online_ewc", {"method__decay": 1.5}, "method.decay"),
+    ("online_ewc", {"method__fisher": "exact"}, "method.fisher"),
+    ("derpp", {"method__replay_batch": 0}, "method.replay_batch"),
+    ("er", {"method__memory": "fifo"}, "method.memory"),
+    ("agem", {"method__projection": "layer"}, "method.projection"),
+])
+def test_bad_settings_are_refused_by_name(make_config, name, sets, msg):
+    c = make_config(f"split_digits:method={name}", **sets)
+    stream = data.build(c)
+    with pytest.raises(ValueError, match=msg):
+        methods.build(c, models.build(c.model, stream.info), stream.info)
