@@ -26,7 +26,7 @@ def jit_step(m, tx):
     return jax.jit(train.make_train_step(m, tx, False), static_argnums=3)
 
 
-@pytest.mark.parametrize("name", ["online_ewc", "si", "derpp", "sgd_ll", "er"])
+@pytest.mark.parametrize("name", ["online_ewc", "si", "derpp", "sgd_ll", "er", "lwf", "agem"])
 def test_one_compiled_step_serves_every_task(make_config, tmp_path, name):
     sets = {"method__memory": "balanced"} if name == "er" else {}
     train.TRACES.clear()
