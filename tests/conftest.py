@@ -43,3 +43,21 @@ def make_config():
         return config_lib.override(jaxcl.get_config(spec), _quiet(**values))
 
     return make
+
+
+@pytest.fixture
+def method_setup(make_config):
+    """``method_setup(name, **sets)``: (config, stream, method, initial state, a batch of 16
+    from task 0) on the embedded digits stream."""
+    import jax
+
+    from jaxcl import data, methods, models
+
+    def setup(name: str, **sets):
+        c = make_config(f"split_digits:method={name}", **sets)
+        stream = data.build(c)
+        m = methods.build(c, models.build(c.model, stream.info), stream.info)
+        batch = next(data.batches(data.pool(stream, 0), 16))
+        return c, stream, m, m.init(jax.random.PRNGKey(0), batch["x"]), batch
+
+    return setup

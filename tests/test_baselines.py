@@ -14,12 +14,6 @@ tmap = jax.tree_util.tree_map
 leaves = jax.tree_util.tree_leaves
 
 
-def built(make_config, name, **sets):
-    c = make_config(f"split_digits:method={name}", **sets)
-    stream = data.build(c)
-    m = methods.build(c, models.build(c.model, stream.info), stream.info)
-    batch = next(data.batches(data.pool(stream, 0), 16))
-    return c, stream, m, m.init(jax.random.PRNGKey(0), batch["x"]), batch
 
 
 def jit_step(m, tx):
@@ -35,8 +29,8 @@ def test_one_compiled_step_serves_every_task(make_config, tmp_path, name):
     assert np.isfinite(r["acc"]) and r["acc"] > 0.3
 
 
-def test_online_ewc_decays_the_importance_and_anchors_at_the_last_task(make_config):
-    c, stream, m, s, b = built(make_config, "online_ewc", method__decay=0.5)
+def test_online_ewc_decays_the_importance_and_anchors_at_the_last_task(make_config, method_setup):
+    c, stream, m, s, b = method_setup("online_ewc", method__decay=0.5)
     t0, t1 = jnp.int32(0), jnp.int32(1)
     s = m.consolidate(s, b, t0, "train")
     f0 = tmap(lambda a: a / s.extra["count"], s.extra["acc"])
@@ -55,10 +49,10 @@ def test_online_ewc_decays_the_importance_and_anchors_at_the_last_task(make_conf
     tmap(np.testing.assert_array_equal, s.extra["anchor"], moved)
 
 
-def test_si_importance_is_the_path_integral_of_the_task_loss(make_config):
+def test_si_importance_is_the_path_integral_of_the_task_loss(make_config, method_setup):
     """Omega after a task equals sum over steps of -g_task * delta, over (Delta^2 + xi),
     recomputed here step by step from the task loss alone (without the SI penalty)."""
-    c, stream, m, s, b = built(make_config, "si", method__si_lambda=3.0)
+    c, stream, m, s, b = method_setup("si", method__si_lambda=3.0)
     import optax
 
     tx = optax.sgd(0.1)
@@ -96,8 +90,8 @@ def test_si_importance_is_the_path_integral_of_the_task_loss(make_config):
         "si_penalty"]) > 0.0
 
 
-def test_si_clips_omega_only_when_asked(make_config):
-    _, _, m, s, b = built(make_config, "si", method__omega_max=1e-3)
+def test_si_clips_omega_only_when_asked(make_config, method_setup):
+    _, _, m, s, b = method_setup("si", method__omega_max=1e-3)
     big = tmap(lambda p: jnp.full_like(p, 5.0), s.params)
     s = s.replace(extra={**s.extra, "big_omega": big, "anchor": tmap(lambda p: p - 1.0, s.params)})
     pen = float(m.loss(s.params, s, b, jnp.int32(1), jax.random.PRNGKey(0), "train")[1]["metrics"]["si_penalty"])
@@ -105,8 +99,8 @@ def test_si_clips_omega_only_when_asked(make_config):
     np.testing.assert_allclose(pen, 0.5 * 1e-3 * n, rtol=1e-5)
 
 
-def test_derpp_stores_logits_and_distils_them(make_config):
-    c, stream, m, s, b = built(make_config, "derpp", method__memory_size=24, method__replay_batch=8,
+def test_derpp_stores_logits_and_distils_them(make_config, method_setup):
+    c, stream, m, s, b = method_setup("derpp", method__memory_size=24, method__replay_batch=8,
                                method__alpha=1.0, method__beta=0.0)
     t, key = jnp.int32(0), jax.random.PRNGKey(0)
     loss0, aux = m.loss(s.params, s, b, t, key, "train")
@@ -129,10 +123,10 @@ def test_derpp_stores_logits_and_distils_them(make_config):
     assert int(s.extra["memory"]["filled"].sum()) == 24 and int(s.extra["memory"]["seen"]) == 64
 
 
-def test_sgd_ll_trains_only_the_shared_last_layer(make_config):
+def test_sgd_ll_trains_only_the_shared_last_layer(make_config, method_setup):
     import optax
 
-    c, stream, m, s, b = built(make_config, "sgd_ll")
+    c, stream, m, s, b = method_setup("sgd_ll")
     total = sum(stream.info.task_classes)
     assert s.params["params"]["head"]["kernel"].shape[-1] == total  # one layer over every class
     tx = optax.sgd(0.5)

@@ -8,12 +8,6 @@ from jaxcl import data, methods, models
 from jaxcl.methods import _memory
 
 
-def built(make_config, name, **sets):
-    c = make_config(f"split_digits:method={name}", **sets)
-    stream = data.build(c)
-    m = methods.build(c, models.build(c.model, stream.info), stream.info)
-    batch = next(data.batches(data.pool(stream, 1), 16))
-    return c, stream, m, m.init(jax.random.PRNGKey(0), batch["x"]), batch
 
 
 def with_memory(state, stream, task=0, n=40):
@@ -29,8 +23,8 @@ def with_memory(state, stream, task=0, n=40):
     return state.replace(extra={**state.extra, "memory": mem})
 
 
-def test_agem_projection_never_points_against_the_memory_gradient(make_config):
-    c, stream, m, s, b = built(make_config, "agem", method__sample_size=32)
+def test_agem_projection_never_points_against_the_memory_gradient(make_config, method_setup):
+    c, stream, m, s, b = method_setup("agem", method__sample_size=32)
     s = with_memory(s, stream, task=0)
     t, rng = jnp.int32(1), jax.random.PRNGKey(4)
     g = jax.grad(lambda p: m.loss(p, s, b, t, rng, "train")[0])(s.params)
@@ -50,8 +44,8 @@ def test_agem_projection_never_points_against_the_memory_gradient(make_config):
     jax.tree_util.tree_map(np.testing.assert_array_equal, none, conflict)
 
 
-def test_agem_per_tensor_projection_makes_each_tensor_agree_with_its_reference(make_config):
-    c, stream, m, s, b = built(make_config, "agem", method__sample_size=32, method__projection="per_tensor")
+def test_agem_per_tensor_projection_makes_each_tensor_agree_with_its_reference(make_config, method_setup):
+    c, stream, m, s, b = method_setup("agem", method__sample_size=32, method__projection="per_tensor")
     s = with_memory(s, stream, task=0)
     t, rng = jnp.int32(1), jax.random.PRNGKey(4)
     g = jax.grad(lambda p: m.loss(p, s, b, t, rng, "train")[0])(s.params)
@@ -79,8 +73,8 @@ def _ref(m, s, t, rng):
                                                mask=jnp.ones(32)), rep["task"], rng, "train")[0])(s.params), have
 
 
-def test_er_trains_on_incoming_and_replayed_samples_and_stores_the_batch(make_config):
-    c, stream, m, s, b = built(make_config, "er", method__memory_size=20, method__replay_batch=8)
+def test_er_trains_on_incoming_and_replayed_samples_and_stores_the_batch(make_config, method_setup):
+    c, stream, m, s, b = method_setup("er", method__memory_size=20, method__replay_batch=8)
     _, aux = m.loss(s.params, s, b, jnp.int32(1), jax.random.PRNGKey(0), "train")
     assert float(aux["metrics"]["ce_replay"]) == 0.0  # empty memory: nothing replayed
     s2 = with_memory(s, stream)
