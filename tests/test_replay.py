@@ -1,12 +1,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import jaxcl
-from jaxcl import data, methods, models
+from jaxcl import data
 from jaxcl.methods import _memory
-
 
 
 
