@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.superclass_tasks = False  # split streams: one task per superclass (CIFAR-100 coarse labels)
     c.data.datasets = ()  # multi streams: one dataset per task
     c.data.tasks = ()  # multi streams: keep only these task indices (e.g. (2,) to learn task 2 alone)
+    c.data.image_shape = ()  # multi streams: (H, W, C) every dataset is brought to (default: the largest)
     c.data.angles = ()  # rotated streams: degrees per task (default: evenly spaced)
     c.data.max_angle = 180.0
     c.data.normalize = True

@@ -94,6 +94,14 @@ def test_multi_brings_datasets_to_one_shape():
     assert (x[:, 0] == 0).all()
 
 
+def test_multi_brings_datasets_to_a_given_shape():
+    a = fake("grey", shape=(4, 4, 1), k=2)
+    s = data.multi([a], shape=(8, 8, 3))
+    assert s.info.input_shape == (8, 8, 3) and s.tasks[0].x_train.shape[1:] == (8, 8, 3)
+    with pytest.raises(DataError, match="data.image_shape"):
+        data.multi([a], shape=(8, 8))
+
+
 def test_limits_keep_a_seeded_subset():
     s = data.split(fake(n=120), 3, 2, limits=(10, 5), seed=3)
     assert all(len(t.x_train) == 10 and len(t.x_test) == 5 for t in s.tasks)

@@ -259,13 +259,16 @@ def _to_shape(x: np.ndarray, shape: tuple) -> np.ndarray:
 
 
 def multi(datasets: Sequence[Dataset], *, scenario: str = "task", classes_per_task: int = 0, seed: int = 0,
-          limits=(0, 0)) -> Stream:
+          limits=(0, 0), shape: tuple = ()) -> Stream:
     """One task per dataset (or, with ``classes_per_task``, one per consecutive group of
-    that many of each dataset's classes), images zero-padded and channel-repeated to the
-    largest shape (MNIST 28x28x1 -> 32x32x3 next to CIFAR-10). Each dataset keeps its own
-    normalisation."""
+    that many of each dataset's classes), images zero-padded and channel-repeated to
+    ``shape`` (H, W, C), by default the largest of the datasets' (MNIST 28x28x1 -> 32x32x3
+    next to CIFAR-10; give (32, 32, 3) to feed MNIST alone to a backbone pretrained on
+    CIFAR). Each dataset keeps its own normalisation."""
     rng = np.random.default_rng([seed, 4])
-    shape = tuple(max(d.image_shape[i] for d in datasets) for i in range(3))
+    if shape and len(shape) != 3:
+        raise DataError(f"data.image_shape: expected (H, W, C), got {tuple(shape)}")
+    shape = tuple(shape) or tuple(max(d.image_shape[i] for d in datasets) for i in range(3))
     tasks = []
     for d in datasets:
         xtr, xte = _to_shape(d.x_train, shape), _to_shape(d.x_test, shape)
@@ -302,7 +305,7 @@ def build(cfg) -> Stream:
 
     if d.stream == "multi":
         stream = multi([get(n) for n in d.datasets], scenario=cfg.scenario, classes_per_task=d.classes_per_task,
-                       seed=cfg.seed, limits=limits)
+                       seed=cfg.seed, limits=limits, shape=tuple(d.image_shape))
         stream = _select(stream, d.tasks)
         if len(stream) != cfg.num_tasks:
             raise DataError(f"data.datasets {list(d.datasets)} with data.classes_per_task={d.classes_per_task} "
