@@ -148,8 +148,22 @@ def test_sgd_ll_trains_only_the_shared_last_layer(make_config, method_setup):
     full = models.build(c.model, stream.info, num_heads=1, num_outputs=total, classes_per_head=(total,)).apply(
         s3.params, b1["x"], jnp.int32(0), False)
     np.testing.assert_allclose(z[:, :2], full[:, 2:4], rtol=1e-6)
-    # learning task 1 moved the columns of task 0 too: the layer is shared
-    assert not np.array_equal(s3.params["params"]["head"]["kernel"][..., :2], s.params["params"]["head"]["kernel"][..., :2])
+    # task-incremental: a task's loss sees only its own columns, so task 1 leaves task 0's alone
+    k2, k3 = s2.params["params"]["head"]["kernel"], s3.params["params"]["head"]["kernel"]
+    np.testing.assert_array_equal(k3[..., :2], k2[..., :2])
+    assert not np.array_equal(k3[..., 2:4], k2[..., 2:4])
+
+
+def test_sgd_ll_shares_one_layer_across_tasks_in_class_incremental(make_config, method_setup):
+    import optax
+
+    c, stream, m, s, b = method_setup("sgd_ll", scenario="class")
+    tx = optax.sgd(0.5)
+    s = s.replace(opt_state=tx.init(s.params))
+    b1 = next(data.batches(data.pool(stream, 1), 16))
+    s1, _ = jit_step(m, tx)(s, b1, jnp.int32(1), "train")
+    k0, k1 = s.params["params"]["head"]["kernel"], s1.params["params"]["head"]["kernel"]
+    assert not np.array_equal(k1[..., :2], k0[..., :2])  # task 1's step moves task 0's classes' weights too
 
 
 def _cbrs(labels, size, num_classes, seed=0, chunk=10):

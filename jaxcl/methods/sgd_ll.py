@@ -3,9 +3,11 @@ by plain SGD task after task (the baseline of the CLR paper, Ge et al. ICCV 2023
 
 The backbone (every parameter but the head, and its batch norm in inference mode) comes
 from ``model.pretrained`` and never changes: it is outside the trainable mask and the
-gradient. The last layer has one output per class of the stream; in the task-incremental
-scenario a task's logits are its classes' slice of that shared layer (so tasks share and
-overwrite one layer, unlike CLR's ``variant=head``, a separate head per task). Without
+gradient. The last layer has one output per class of the stream. In the class- and
+domain-incremental scenarios every task's softmax runs over it all, so later tasks
+overwrite what earlier ones learned there. In the task-incremental scenario a task's
+logits are its classes' slice of the layer and its loss touches only that slice: SGD-LL
+then coincides with CLR's ``variant=head`` (a linear probe per task, no forgetting). Without
 ``model.pretrained`` the backbone is the random initialisation (useful in tests only).
 """
 from __future__ import annotations
