@@ -9,6 +9,7 @@ Side by side: ``run_peer`` runs the matching PyTorch script in the same invocati
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -116,6 +117,45 @@ def jax_matmul_gflops() -> float:
         best = max(best, 2 * n ** 3 / statistics.median(ts) / 1e9)
     del jnp
     return round(best, 1)
+
+
+def workload_parser(description: str) -> argparse.ArgumentParser:
+    """The options every W-workload script takes."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--no-peer", action="store_true", help="time jaxcl only")
+    ap.add_argument("--devices", type=int, default=1,
+                    help="XLA host devices to split each batch over (read by devices.py before jax starts)")
+    return ap
+
+
+class StepCycle:
+    """A zero-argument callable for ``time_repeats``: one ``step(state, batch, task,
+    phase)`` on the next of ``batches`` (cycling), keeping the newest state in ``.state``
+    (the step may donate its input); returns the step's loss to block on."""
+
+    def __init__(self, step, state, batches, task, phase: str):
+        self.step, self.state, self.batches, self.task, self.phase, self.i = step, state, batches, task, phase, 0
+
+    def __call__(self):
+        self.state, metrics = self.step(self.state, self.batches[self.i % len(self.batches)], self.task, self.phase)
+        self.i += 1
+        return metrics["loss"]
+
+
+def trainable_count(state) -> int:
+    """Parameters the state's ``trainable`` tree lets move (scalar masks broadcast)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    return sum(int(np.asarray(jnp.broadcast_to(t, p.shape)).sum()) for t, p in zip(
+        jax.tree_util.tree_leaves(state.trainable), jax.tree_util.tree_leaves(state.params)))
+
+
+def ratio(ours: dict, theirs: dict, key: str) -> float:
+    """ours / theirs for one figure: medians of rates, or median milliseconds of one-off
+    operations (so above 1 means slower there)."""
+    stat = "median" if "median" in ours[key] else "median_ms"
+    return round(ours[key][stat] / theirs[key][stat], 3)
 
 
 def share_of_peak(rate_per_s: float, flop_per_unit: float | None, peak: float | None) -> float | None:

@@ -9,7 +9,6 @@ print one JSON line with the peer's keys plus ratios and shares of the fp32 peak
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
@@ -95,17 +94,10 @@ def run_jaxcl(w: Workload) -> dict:
     before = masked_leaves(state, state.params)
 
     batches = [batch(1) for _ in range(w.iters)]  # (a) task 2
-    box = {"state": state, "i": 0}
-
     phase = m.phases(1)[0].name  # task 2's training phase (batch norm frozen, if the model has it)
-
-    def train_one():
-        box["state"], metrics = step(box["state"], batches[box["i"] % w.iters], t1, phase)
-        box["i"] += 1
-        return metrics["loss"]
-
+    train_one = common.StepCycle(step, state, batches, t1, phase)
     times = common.time_repeats(train_one, warmup=w.warmup, repeats=w.train_repeats, inner=w.iters)
-    state = box["state"]
+    state = train_one.state
     after = masked_leaves(state, state.params)
     assert all((a[f] == b[f]).all() for a, b, f in zip(before, after, frozen)), "frozen weights moved"
 
@@ -126,11 +118,7 @@ def run_jaxcl(w: Workload) -> dict:
 
 
 def main(w: Workload, argv=None) -> int:
-    ap = argparse.ArgumentParser(description=w.description)
-    ap.add_argument("--no-peer", action="store_true", help="time jaxcl only")
-    ap.add_argument("--devices", type=int, default=1,
-                    help="XLA host devices to split each batch over (set before jax starts, see devices_from_argv)")
-    args = ap.parse_args(argv)
+    args = common.workload_parser(w.description).parse_args(argv)
     ours = run_jaxcl(w)
     peer = None if args.no_peer else common.run_peer(w.peer_script)
     fl = common.flops(w.flops_key)
@@ -149,10 +137,9 @@ def main(w: Workload, argv=None) -> int:
     if peer:
         pt = peer["plain_torch"]
         rec["plain_torch"] = pt
-        rec["ratios"] = {
-            "train_vs_torch": round(ours["train_steps_per_s"]["median"] / pt["train_steps_per_s"]["median"], 3),
-            "prune_time_vs_torch": round(ours["prune_step"]["median_ms"] / pt["prune_step"]["median_ms"], 3),
-            "eval_vs_torch": round(ours["eval_samples_per_s"]["median"] / pt["eval_samples_per_s"]["median"], 3)}
+        rec["ratios"] = {"train_vs_torch": common.ratio(ours, pt, "train_steps_per_s"),
+                         "prune_time_vs_torch": common.ratio(ours, pt, "prune_step"),
+                         "eval_vs_torch": common.ratio(ours, pt, "eval_samples_per_s")}
         rec["share_of_peak"]["torch_train"] = common.share_of_peak(pt["train_steps_per_s"]["median"],
                                                                    fl.get("train_step"), peak)
         rec["share_of_peak"]["torch_eval"] = common.share_of_peak(pt["eval_samples_per_s"]["median"],

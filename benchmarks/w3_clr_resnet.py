@@ -9,7 +9,6 @@ peer, one JSON line with ratios and shares of the fp32 matmul peak.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import devices  # noqa: F401  (--devices N, before jax starts)
@@ -48,20 +47,13 @@ def run_jaxcl() -> dict:
     state = sharding.replicate(state.replace(opt_state=tx.init(state.params)), mesh)
     t1 = jnp.int32(1)
     state = jax.jit(m.begin_task, out_shardings=rep)(state, t1)
-    trainable = sum(int(np.asarray(jnp.broadcast_to(t, p.shape)).sum()) for t, p in zip(
-        jax.tree_util.tree_leaves(state.trainable), jax.tree_util.tree_leaves(state.params)))
+    trainable = common.trainable_count(state)
     step = jax.jit(train.make_train_step(m, tx, augment=False), donate_argnums=0, static_argnums=3, out_shardings=rep)
     predict = jax.jit(m.predict)
     batches = [batch() for _ in range(4)]
-    box = {"state": state, "i": 0}
-
-    def train_one():
-        box["state"], metrics = step(box["state"], batches[box["i"] % 4], t1, "train")
-        box["i"] += 1
-        return metrics["loss"]
-
+    train_one = common.StepCycle(step, state, batches, t1, "train")
     times = common.time_repeats(train_one, warmup=2, repeats=5, inner=2)
-    state = box["state"]
+    state = train_one.state
     etimes = common.time_repeats(lambda: [predict(state, b["x"], t1) for b in batches], warmup=1, repeats=5, inner=1)
     report = m.report(state)
     return {"train_steps_per_s": common.rate_stats(times, 2), "eval_samples_per_s": common.rate_stats(etimes, 4 * BATCH),
@@ -70,10 +62,7 @@ def run_jaxcl() -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--devices", type=int, default=1)
-    args = ap.parse_args(argv)
+    args = common.workload_parser(__doc__.splitlines()[0]).parse_args(argv)
     ours = run_jaxcl()
     peer = None if args.no_peer else common.run_peer("w3_clr_resnet.py")
     fl, peak, jax_peak = common.flops("w3_clr_resnet"), common.peak_gflops(), common.jax_matmul_gflops()
@@ -90,9 +79,8 @@ def main(argv=None) -> int:
     if peer:
         pt = peer["plain_torch"]
         rec["plain_torch"] = pt
-        rec["ratios"] = {
-            "train_vs_torch": round(ours["train_steps_per_s"]["median"] / pt["train_steps_per_s"]["median"], 3),
-            "eval_vs_torch": round(ours["eval_samples_per_s"]["median"] / pt["eval_samples_per_s"]["median"], 3)}
+        rec["ratios"] = {"train_vs_torch": common.ratio(ours, pt, "train_steps_per_s"),
+                         "eval_vs_torch": common.ratio(ours, pt, "eval_samples_per_s")}
         rec["share_of_peak"]["torch_train"] = common.share_of_peak(pt["train_steps_per_s"]["median"],
                                                                    fl.get("train_step"), peak)
         rec["share_of_peak"]["torch_eval"] = common.share_of_peak(pt["eval_samples_per_s"]["median"], per_sample, peak)

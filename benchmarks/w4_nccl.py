@@ -12,7 +12,6 @@ PyTorch peer, one JSON line with the ratio and shares of the fp32 matmul peak.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import devices  # noqa: F401  (--devices N, before jax starts)
@@ -58,13 +57,7 @@ def run_jaxcl() -> dict:
                                      "task": np.zeros(B, np.int32), "mask": np.ones(B, np.float32)}, mesh)
                for _ in range(8)]
     step = jax.jit(train.make_train_step(m, tx, augment=False), donate_argnums=0, static_argnums=3, out_shardings=rep)
-    box = {"state": state, "i": 0}
-    t0 = jnp.int32(0)
-
-    def call():
-        box["state"], metrics = step(box["state"], batches[box["i"] % 8], t0, "train")
-        box["i"] += 1
-        return metrics["loss"]
+    call = common.StepCycle(step, state, batches, jnp.int32(0), "train")
 
     times = common.time_repeats(call, warmup=2, repeats=5, inner=3)
     last = call()
@@ -74,10 +67,7 @@ def run_jaxcl() -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--devices", type=int, default=1)
-    args = ap.parse_args(argv)
+    args = common.workload_parser(__doc__.splitlines()[0]).parse_args(argv)
     ours = run_jaxcl()
     peer = None if args.no_peer else common.run_peer("w4_nccl.py")
     fl, peak, jax_peak = common.flops("w4_nccl"), common.peak_gflops(), common.jax_matmul_gflops()
@@ -93,7 +83,7 @@ def main(argv=None) -> int:
     if peer:
         pt = peer["plain_torch"]
         rec["plain_torch"] = pt
-        rec["ratios"] = {"calls_vs_torch": round(ours["calls_per_s"]["median"] / pt["calls_per_s"]["median"], 3)}
+        rec["ratios"] = {"calls_vs_torch": common.ratio(ours, pt, "calls_per_s")}
         rec["share_of_peak"]["torch_call"] = common.share_of_peak(pt["calls_per_s"]["median"], fl.get("online_call"),
                                                                   peak)
         rec["peer_config"], rec["peer_env"] = peer.get("config"), peer.get("env")

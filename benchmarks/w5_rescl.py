@@ -11,7 +11,6 @@ with ratios and shares of the fp32 matmul peak.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import devices  # noqa: F401  (--devices N, before jax starts)
@@ -59,15 +58,9 @@ def run_jaxcl() -> dict:
 
     batches = [batch() for _ in range(10)]
     step = jax.jit(train.make_train_step(m, tx, augment=False), donate_argnums=0, static_argnums=3, out_shardings=rep)
-    box = {"state": state, "i": 0}
-
-    def train_one():
-        box["state"], metrics = step(box["state"], batches[box["i"] % 10], t1, "combine")
-        box["i"] += 1
-        return metrics["loss"]
-
+    train_one = common.StepCycle(step, state, batches, t1, "combine")
     times = common.time_repeats(train_one, warmup=5, repeats=7, inner=10)
-    state = box["state"]
+    state = train_one.state
     # random a_s, a_t and batch-norm statistics for the merge check, as the peer
     k = iter(jax.random.split(jax.random.PRNGKey(3), 500))
     state = state.replace(
@@ -89,8 +82,7 @@ def run_jaxcl() -> dict:
     e_un = common.time_repeats(lambda: [unmerged_fn(state, x) for x in xs], warmup=1, repeats=5, inner=1)
     e_mg = common.time_repeats(lambda: [merged_fn(merged, x, t1) for x in xs], warmup=1, repeats=5, inner=1)
     rep_counts = rescl.param_report(state.params)
-    n_train = sum(int(np.asarray(jnp.broadcast_to(t, p.shape)).sum()) for t, p in zip(
-        jax.tree_util.tree_leaves(state.trainable), jax.tree_util.tree_leaves(state.params)))
+    n_train = common.trainable_count(state)
     return {"train_steps_per_s": common.rate_stats(times, 10), "merge_time": common.time_stats_ms(mtimes),
             "eval_samples_per_s_unmerged": common.rate_stats(e_un, 20 * BATCH),
             "eval_samples_per_s_merged": common.rate_stats(e_mg, 20 * BATCH),
@@ -99,10 +91,7 @@ def run_jaxcl() -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--devices", type=int, default=1)
-    args = ap.parse_args(argv)
+    args = common.workload_parser(__doc__.splitlines()[0]).parse_args(argv)
     ours = run_jaxcl()
     peer = None if args.no_peer else common.run_peer("w5_rescl.py")
     fl, peak, jax_peak = common.flops("w5_rescl"), common.peak_gflops(), common.jax_matmul_gflops()
@@ -120,13 +109,10 @@ def main(argv=None) -> int:
     if peer:
         pt = peer["plain_torch"]
         rec["plain_torch"] = pt
-        rec["ratios"] = {
-            "train_vs_torch": round(ours["train_steps_per_s"]["median"] / pt["train_steps_per_s"]["median"], 3),
-            "merge_time_vs_torch": round(ours["merge_time"]["median_ms"] / pt["merge_time"]["median_ms"], 3),
-            "eval_merged_vs_torch": round(ours["eval_samples_per_s_merged"]["median"]
-                                          / pt["eval_samples_per_s_merged"]["median"], 3),
-            "eval_unmerged_vs_torch": round(ours["eval_samples_per_s_unmerged"]["median"]
-                                            / pt["eval_samples_per_s_unmerged"]["median"], 3)}
+        rec["ratios"] = {"train_vs_torch": common.ratio(ours, pt, "train_steps_per_s"),
+                         "merge_time_vs_torch": common.ratio(ours, pt, "merge_time"),
+                         "eval_merged_vs_torch": common.ratio(ours, pt, "eval_samples_per_s_merged"),
+                         "eval_unmerged_vs_torch": common.ratio(ours, pt, "eval_samples_per_s_unmerged")}
         rec["share_of_peak"]["torch_train"] = common.share_of_peak(pt["train_steps_per_s"]["median"],
                                                                    fl.get("train_step"), peak)
         rec["share_of_peak"]["torch_eval_merged"] = common.share_of_peak(
