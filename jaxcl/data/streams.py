@@ -52,6 +52,12 @@ class StreamInfo:
     classes_per_head: tuple  # valid outputs of each head
     task_classes: tuple  # classes of each task
 
+    @property
+    def class_offsets(self) -> tuple:
+        """Index of each task's first class over the whole stream (task t's classes are
+        ``class_offsets[t] .. class_offsets[t] + task_classes[t] - 1``)."""
+        return tuple(int(sum(self.task_classes[:t])) for t in range(len(self.task_classes)))
+
 
 @dataclasses.dataclass(frozen=True)
 class Stream:
@@ -84,7 +90,7 @@ class Stream:
 
     @property
     def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum([t.num_classes for t in self.tasks])[:-1]]).astype(np.int32)
+        return np.asarray(self.info.class_offsets, np.int32)
 
     @property
     def info(self) -> StreamInfo:

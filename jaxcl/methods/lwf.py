@@ -46,11 +46,10 @@ def make(config, model, info) -> base.Method:
     alpha = jnp.asarray(alpha, jnp.float32)
     per_task_heads = info.num_heads == num_tasks and num_tasks > 1
     # output units of each task in the single-head scenarios
-    offsets = np.concatenate([[0], np.cumsum(info.task_classes)])
     if info.scenario == "class":
         units = np.zeros((num_tasks, info.num_outputs), bool)
-        for t in range(num_tasks):
-            units[t, offsets[t]:offsets[t + 1]] = True
+        for t, (start, n) in enumerate(zip(info.class_offsets, info.task_classes)):
+            units[t, start:start + n] = True
     else:
         units = np.ones((num_tasks, info.num_outputs), bool)
     units = jnp.asarray(units)

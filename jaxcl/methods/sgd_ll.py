@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcl import models
 from jaxcl.methods import base
@@ -30,7 +29,7 @@ def make(config, model, info) -> base.Method:
     if sliced:
         total = int(sum(info.task_classes))
         model = models.build(config.model, info, num_heads=1, num_outputs=total, classes_per_head=(total,))
-        offsets = jnp.asarray(np.concatenate([[0], np.cumsum(info.task_classes)[:-1]]), jnp.int32)
+        offsets = jnp.asarray(info.class_offsets, jnp.int32)
         widths = jnp.asarray(info.task_classes, jnp.int32)
     width = info.num_outputs
 
