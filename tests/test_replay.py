@@ -11,13 +11,8 @@ from jaxcl.methods import _memory
 def with_memory(state, stream, task=0, n=40):
     p = data.pool(stream, task)
     b = next(data.batches(p, n))
-    mem = state.extra["memory"]
-    if "seen_per_task" in mem:
-        mem = _memory.ring_insert(mem, b["x"], b["y"], jnp.full(n, task), jnp.zeros((n, stream.info.num_outputs)),
-                                  b["mask"], mem["x"].shape[0] // stream.info.num_tasks)
-    else:
-        mem = _memory.reservoir_insert(mem, b["x"], b["y"], jnp.full(n, task), jnp.zeros((n, stream.info.num_outputs)),
-                                       b["mask"], jax.random.PRNGKey(0))
+    mem = _memory.insert(state.extra["memory"], b, jnp.int32(task), jnp.zeros((n, stream.info.num_outputs)),
+                         jax.random.PRNGKey(0))
     return state.replace(extra={**state.extra, "memory": mem})
 
 
@@ -106,3 +101,18 @@ def test_memory_sample_draws_uniformly_among_filled_allowed_slots():
     np.testing.assert_allclose(got[usable] / 50_000, 0.2, atol=0.01)
     _, ok = _memory.memory_sample(mem, jax.random.PRNGKey(1), 4, jnp.zeros(12, bool))
     assert not bool(ok)
+
+
+def test_memory_insert_follows_the_memory_kind():
+    b = {"x": jnp.arange(6, dtype=jnp.float32)[:, None], "y": jnp.asarray([0, 1, 0, 1, 0, 1]),
+         "mask": jnp.ones(6)}
+    q = jnp.zeros((6, 2))
+    ring = _memory.insert(_memory.new("ring", 2, (1,), 2, num_tasks=3), b, jnp.int32(1), q, jax.random.PRNGKey(0))
+    assert np.asarray(ring["filled"]).tolist() == [False, False, True, True, False, False]  # task 1's two slots
+    res = _memory.insert(_memory.new("reservoir", 4, (1,), 2), b, jnp.int32(1), q, jax.random.PRNGKey(0))
+    assert int(res["filled"].sum()) == 4 and int(res["seen"]) == 6
+    bal = _memory.insert(_memory.new("balanced", 4, (1,), 2, num_classes=2), b, jnp.int32(0), q,
+                         jax.random.PRNGKey(0), lambda y, t: y)
+    assert np.bincount(np.asarray(bal["cls"]), minlength=2).tolist() == [2, 2]
+    with np.testing.assert_raises_regex(ValueError, "method.memory"):
+        _memory.new("fifo", 4, (1,), 2)

@@ -21,6 +21,34 @@ import jax.numpy as jnp
 
 
 
+KINDS = ("reservoir", "ring", "balanced")
+
+
+def new(kind: str, size: int, x_shape, num_outputs: int, *, num_tasks: int = 1, num_classes: int = 0) -> dict:
+    """An empty memory of ``kind``: ``size`` slots in all (``ring``: per task)."""
+    if kind not in KINDS:
+        raise ValueError(f"method.memory: {kind!r} is not one of {', '.join(KINDS)}")
+    if kind == "balanced":
+        return balanced_init(size, x_shape, num_outputs, num_classes)
+    mem = memory_init(size * (num_tasks if kind == "ring" else 1), x_shape, num_outputs)
+    if kind == "ring":
+        mem["seen_per_task"] = jnp.zeros((num_tasks,), jnp.int32)
+    return mem
+
+
+def insert(mem: dict, batch: dict, task, q, rng, class_of=None) -> dict:
+    """Store a train batch (inputs, labels, the task id, ``q`` per sample, its mask) by the
+    memory's own policy (told apart by its arrays); ``class_of(y, task)`` gives a
+    balanced memory each sample's class over the stream."""
+    tids = jnp.broadcast_to(task, batch["y"].shape)
+    args = (mem, batch["x"], batch["y"], tids, q, batch["mask"])
+    if "seen_per_task" in mem:
+        return ring_insert(*args, mem["y"].shape[0] // mem["seen_per_task"].shape[0])
+    if "seen_per_class" in mem:
+        return balanced_insert(*args, class_of(batch["y"], tids), rng)
+    return reservoir_insert(*args, rng)
+
+
 def memory_init(size: int, x_shape, num_outputs: int) -> dict:
     return {"x": jnp.zeros((size,) + tuple(x_shape), jnp.float32), "y": jnp.zeros((size,), jnp.int32),
             "task": jnp.zeros((size,), jnp.int32), "q": jnp.zeros((size, num_outputs), jnp.float32),

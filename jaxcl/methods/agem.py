@@ -30,8 +30,7 @@ def make(config, model, info) -> base.Method:
 
     def init(rng, x):
         state = base.init_state(model, rng, x)
-        mem = _memory.memory_init(m.patterns_per_task * num_tasks, x.shape[1:], info.num_outputs)
-        mem["seen_per_task"] = jnp.zeros((num_tasks,), jnp.int32)
+        mem = _memory.new("ring", m.patterns_per_task, x.shape[1:], info.num_outputs, num_tasks=num_tasks)
         return state.replace(extra={"memory": mem})
 
     def reference_grad(state, task, rng):
@@ -58,11 +57,8 @@ def make(config, model, info) -> base.Method:
         return jax.tree_util.tree_map(lambda a, b: a - coef * b, grads, g_ref)
 
     def after_step(state, aux, batch, task, rng, phase):
-        tids = jnp.broadcast_to(task, batch["y"].shape)
         q = jnp.zeros(batch["y"].shape + (info.num_outputs,))
-        mem = _memory.ring_insert(state.extra["memory"], batch["x"], batch["y"], tids, q, batch["mask"],
-                                  m.patterns_per_task)
-        return state.replace(extra={**state.extra, "memory": mem})
+        return state.replace(extra={**state.extra, "memory": _memory.insert(state.extra["memory"], batch, task, q, rng)})
 
     return base.make("agem", config, model, init=init, loss=plain, transform_grads=transform_grads,
                      after_step=after_step)

@@ -29,7 +29,7 @@ def make(config, model, info) -> base.Method:
 
     def init(rng, x):
         state = base.init_state(model, rng, x)
-        return state.replace(extra={"memory": _memory.memory_init(m.memory_size, x.shape[1:], info.num_outputs)})
+        return state.replace(extra={"memory": _memory.new("reservoir", m.memory_size, x.shape[1:], info.num_outputs)})
 
     def loss(params, state, batch, task, rng, phase):
         mem = state.extra["memory"]
@@ -50,9 +50,7 @@ def make(config, model, info) -> base.Method:
                                    "acc": base.accuracy(z[:b], batch["y"], batch["mask"])}}
 
     def after_step(state, aux, batch, task, rng, phase):
-        tids = jnp.broadcast_to(task, batch["y"].shape)
-        mem = _memory.reservoir_insert(state.extra["memory"], batch["x"], batch["y"], tids, aux["logits"],
-                                       batch["mask"], jax.random.fold_in(rng, 3))
+        mem = _memory.insert(state.extra["memory"], batch, task, aux["logits"], jax.random.fold_in(rng, 3))
         return state.replace(extra={**state.extra, "memory": mem})
 
     return base.make("derpp", config, model, init=init, loss=loss, after_step=after_step)

@@ -18,20 +18,14 @@ def defaults() -> dict:
 
 def make(config, model, info) -> base.Method:
     m = config.method
-    if m.memory not in ("reservoir", "ring", "balanced"):
-        raise ValueError(f"method.memory: {m.memory!r} is not one of reservoir, ring, balanced")
-    ring = m.memory == "ring"
-    size = m.memory_size * (info.num_tasks if ring else 1)
+    if m.memory not in _memory.KINDS:
+        raise ValueError(f"method.memory: {m.memory!r} is not one of {', '.join(_memory.KINDS)}")
     num_classes, class_of = _memory.global_classes(info)
 
     def init(rng, x):
         state = base.init_state(model, rng, x)
-        if m.memory == "balanced":
-            mem = _memory.balanced_init(size, x.shape[1:], info.num_outputs, num_classes)
-        else:
-            mem = _memory.memory_init(size, x.shape[1:], info.num_outputs)
-        if ring:
-            mem["seen_per_task"] = jnp.zeros((info.num_tasks,), jnp.int32)
+        mem = _memory.new(m.memory, m.memory_size, x.shape[1:], info.num_outputs, num_tasks=info.num_tasks,
+                          num_classes=num_classes)
         return state.replace(extra={"memory": mem})
 
     def loss(params, state, batch, task, rng, phase):
@@ -45,19 +39,11 @@ def make(config, model, info) -> base.Method:
         n_in, n_rep = batch["mask"].sum(), jnp.where(have, float(m.replay_batch), 0.0)
         total = (ce * n_in + ce_r * n_rep) / jnp.maximum(n_in + n_rep, 1.0)
         return total, {"model_state": model_state,
-                           "metrics": {"ce": ce, "ce_replay": ce_r, "acc": base.accuracy(z[:b], batch["y"], batch["mask"])}}
+                       "metrics": {"ce": ce, "ce_replay": ce_r, "acc": base.accuracy(z[:b], batch["y"], batch["mask"])}}
 
     def after_step(state, aux, batch, task, rng, phase):
-        mem = state.extra["memory"]
-        tids = jnp.broadcast_to(task, batch["y"].shape)
         q = jnp.zeros(batch["y"].shape + (info.num_outputs,))
-        if ring:
-            mem = _memory.ring_insert(mem, batch["x"], batch["y"], tids, q, batch["mask"], m.memory_size)
-        elif m.memory == "balanced":
-            mem = _memory.balanced_insert(mem, batch["x"], batch["y"], tids, q, batch["mask"],
-                                          class_of(batch["y"], tids), jax.random.fold_in(rng, 2))
-        else:
-            mem = _memory.reservoir_insert(mem, batch["x"], batch["y"], tids, q, batch["mask"], jax.random.fold_in(rng, 2))
+        mem = _memory.insert(state.extra["memory"], batch, task, q, jax.random.fold_in(rng, 2), class_of)
         return state.replace(extra={**state.extra, "memory": mem})
 
     return base.make("er", config, model, init=init, loss=loss, after_step=after_step)

@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl.methods import base
-from jaxcl.methods._memory import memory_init, memory_sample, reservoir_insert, ring_insert
+from jaxcl.methods import _memory
+from jaxcl.methods._memory import memory_sample
 from jaxcl.models import layers
 
 
@@ -126,7 +127,6 @@ def make(config, model, info) -> base.Method:
         raise ValueError(f"method.inner_steps: must be >= 1, got {K}")
     cmodel = calibrated(model, m.feature_calibration)
     ring = m.memory == "ring"
-    mem_size = m.memory_size * (num_tasks if ring else 1)
 
     def forward(theta, calib, model_state, x, task, rng):
         return base.apply(cmodel, {"params": theta, "calib": calib}, model_state, x, task, train=True, rng=rng)
@@ -139,9 +139,7 @@ def make(config, model, info) -> base.Method:
 
     def init(rng, x):
         state = base.init_state(cmodel, rng, x)
-        mem = memory_init(mem_size, x.shape[1:], info.num_outputs)
-        if ring:
-            mem["seen_per_task"] = jnp.zeros((num_tasks,), jnp.int32)
+        mem = _memory.new(m.memory, m.memory_size, x.shape[1:], info.num_outputs, num_tasks=num_tasks)
         trainable = jax.tree_util.tree_map_with_path(
             lambda p, w: jnp.asarray(getattr(p[0], "key", None) == "calib"), state.params)
         return state.replace(trainable=trainable, extra={"memory": mem})
@@ -224,13 +222,7 @@ def make(config, model, info) -> base.Method:
         params = {**state.params, "params": aux["fast"]}  # theta takes the fast weights
         mem = state.extra["memory"]
         if m.update_memory:
-            tids = jnp.broadcast_to(task, batch["y"].shape)
-            if ring:
-                mem = ring_insert(mem, batch["x"], batch["y"], tids, aux["soft_targets"], batch["mask"],
-                                  m.memory_size)
-            else:
-                mem = reservoir_insert(mem, batch["x"], batch["y"], tids, aux["soft_targets"], batch["mask"],
-                                       jax.random.fold_in(rng, 20_000))
+            mem = _memory.insert(mem, batch, task, aux["soft_targets"], jax.random.fold_in(rng, 20_000))
         return state.replace(params=params, extra={**state.extra, "memory": mem})
 
     def predict(state, x, task):
