@@ -19,42 +19,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-import jaxcl
-from jaxcl import config as config_lib
+import common
 
-HERE = Path(__file__).resolve().parent
 
 
 def run(spec, sets, workdir):
-    c = config_lib.override(jaxcl.get_config(spec), sets)
-    t0 = time.perf_counter()
-    r = jaxcl.run(c, workdir, echo=lambda s: print("   ", s, file=sys.stderr))
-    r["wall_s"] = time.perf_counter() - t0
-    return r
+    return common.run_config(spec, sets, workdir, echo=lambda s: print("   ", s, file=sys.stderr))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pretrained", default="", help="workdir of a `jaxcl run pretrain` (default: pretrain now)")
     ap.add_argument("--pretrain-epochs", type=int, default=15)
-    ap.add_argument("--data-dir", default=os.environ.get("JAXCL_DATA_DIR", str(HERE.parents[1] / "shared" / "data")))
+    ap.add_argument("--data-dir", default=common.DATA_DIR)
     ap.add_argument("--workdir", default="runs/clr_accuracy")
     args = ap.parse_args(argv)
     root = Path(args.workdir) / time.strftime("%Y%m%d-%H%M%S")
-    common = [f"data.dir={args.data_dir}", "log.progress=false"]
+    base_sets = [f"data.dir={args.data_dir}", "log.progress=false"]
     pre = args.pretrained
     if not pre:
         pre = str(root / "pretrain")
-        r = run("pretrain", common + [f"epochs={args.pretrain_epochs}"], pre)
+        r = run("pretrain", base_sets + [f"epochs={args.pretrain_epochs}"], pre)
         print(json.dumps({"run": "pretrain", "acc": r["acc"], "wall_s": round(r["wall_s"], 1)}), flush=True)
-    stream = common + [f"model.pretrained={pre}"]
+    stream = base_sets + [f"model.pretrained={pre}"]
     rows = {}
     rows["clr (reduced)"] = run("multi_dataset:method=clr", stream, root / "clr")
     rows["linear probe"] = run("multi_dataset:method=clr", stream + ["method.variant=head"], root / "probe")

@@ -24,6 +24,8 @@ import jax
 
 PEERS = Path(os.environ.get("JAXCL_PEERS_DIR", Path(__file__).resolve().parents[2] / "shared" / "peers"))
 PEERS_PYTHON = os.environ.get("JAXCL_PEERS_PYTHON", "/tmp/peersvenv/bin/python")
+# the real datasets of the accuracy scripts (--data-dir's default)
+DATA_DIR = os.environ.get("JAXCL_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def time_repeats(fn: Callable[[], object], *, warmup: int, repeats: int, inner: int) -> list[float]:
@@ -117,6 +119,18 @@ def jax_matmul_gflops() -> float:
         best = max(best, 2 * n ** 3 / statistics.median(ts) / 1e9)
     del jnp
     return round(best, 1)
+
+
+def run_config(spec: str, sets, workdir, **run_kw) -> dict:
+    """``jaxcl run SPEC --set ...`` in this process; its results with ``wall_s`` added."""
+    import jaxcl
+    from jaxcl import config as config_lib
+
+    config = config_lib.override(jaxcl.get_config(spec), list(sets))
+    t0 = time.perf_counter()
+    r = jaxcl.run(config, workdir, **run_kw)
+    r["wall_s"] = time.perf_counter() - t0
+    return r
 
 
 def workload_parser(description: str) -> argparse.ArgumentParser:

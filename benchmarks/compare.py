@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-import jaxcl
-from jaxcl import config as config_lib
+import common
 
-HERE = Path(__file__).resolve().parent
 SETTINGS = {
     "pmnist": ("permuted_mnist", ["num_tasks=20", "online=true", "batch_size=10", "data.train_limit=1000",
                                   "model.hidden=(100,100)", "optimizer.name=sgd", "optimizer.lr=0.1",
@@ -58,7 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["nccl", "er", "agem", "finetune"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--train-limit", type=int, default=0)
-    ap.add_argument("--data-dir", default=os.environ.get("JAXCL_DATA_DIR", str(HERE.parents[1] / "shared" / "data")))
+    ap.add_argument("--data-dir", default=common.DATA_DIR)
     ap.add_argument("--workdir", default="runs/compare")
     ap.add_argument("--set", action="append", default=[], help="extra --set for every run")
     args = ap.parse_args(argv)
@@ -71,14 +68,13 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             all_sets = [f"data.dir={args.data_dir}", "log.progress=false", "log.plots=false", "log.tensorboard=false",
                         f"seed={seed}", *sets, *method_sets(name, memory, tasks), *args.set]
-            c = config_lib.override(jaxcl.get_config(f"{bench}:method={name}"), all_sets)
-            t0 = time.perf_counter()
-            r = jaxcl.run(c, Path(args.workdir) / f"{args.setting}-{name}-s{seed}-{time.strftime('%H%M%S')}",
-                          echo=lambda s: None)
+            r = common.run_config(f"{bench}:method={name}", all_sets,
+                                  Path(args.workdir) / f"{args.setting}-{name}-s{seed}-{time.strftime('%H%M%S')}",
+                                  echo=lambda s: None)
             accs.append(r["acc"])
             bwts.append(r["bwt"])
             print(json.dumps({"setting": args.setting, "method": name, "seed": seed, "acc": round(r["acc"], 4),
-                              "bwt": round(r["bwt"], 4), "wall_s": round(time.perf_counter() - t0, 1),
+                              "bwt": round(r["bwt"], 4), "wall_s": round(r["wall_s"], 1),
                               "command": f"jaxcl run {bench}:method={name} " + " ".join(f"--set {s}" for s in all_sets[1:])}),
                   flush=True)
         table[name] = (np.mean(accs), np.std(accs), np.mean(bwts), np.std(bwts))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -23,10 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-import jaxcl
-from jaxcl import config as config_lib
+import common
 
-HERE = Path(__file__).resolve().parent
 # name: (config spec, --set overrides, reference figure, tolerance, source)
 CAI = "ContinualAI continual-learning-baselines (experiments/, target_results.csv)"
 HSU = "Hsu et al. 2018, Re-evaluating Continual Learning Scenarios, Table 2 (GT-RIPL/Continual-Learning-Benchmark scripts)"
@@ -85,7 +82,7 @@ ROWS = {
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rows", nargs="*", default=list(ROWS))
-    ap.add_argument("--data-dir", default=os.environ.get("JAXCL_DATA_DIR", str(HERE.parents[1] / "shared" / "data")))
+    ap.add_argument("--data-dir", default=common.DATA_DIR)
     ap.add_argument("--workdir", default="runs/fidelity")
     ap.add_argument("--seeds", nargs="+", type=int, default=None)
     args = ap.parse_args(argv)
@@ -96,9 +93,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         for seed in args.seeds or [None]:
             seed_set = [] if seed is None else [f"seed={seed}"]
-            config = config_lib.override(jaxcl.get_config(spec), [f"data.dir={args.data_dir}", "log.progress=false",
-                                                                  *sets, *seed_set])
-            r = jaxcl.run(config, Path(args.workdir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            r = common.run_config(spec, [f"data.dir={args.data_dir}", "log.progress=false", *sets, *seed_set],
+                                  Path(args.workdir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
             accs.append(r["acc"])
             bwts.append(r["bwt"])
         acc = float(np.mean(accs))

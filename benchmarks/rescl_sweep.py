@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import common
 import jaxcl
 from jaxcl import config as config_lib
 from jaxcl import data, methods, models, optim, train
 
-HERE = Path(__file__).resolve().parent
 
 
 def main(argv=None) -> int:
@@ -36,7 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="split_mnist:method=rescl")
     ap.add_argument("--set", action="append", default=[], help="config overrides, as `jaxcl run --set`")
     ap.add_argument("--lambdas", default="0,1e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1,1")
-    ap.add_argument("--data-dir", default=os.environ.get("JAXCL_DATA_DIR", str(HERE.parents[1] / "shared" / "data")))
+    ap.add_argument("--data-dir", default=common.DATA_DIR)
     ap.add_argument("--out", default="runs/rescl_sweep")
     args = ap.parse_args(argv)
     lambdas = [float(v) for v in args.lambdas.split(",")]

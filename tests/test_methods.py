@@ -1,11 +1,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from jaxcl import data, methods, models, optim, train
-from jaxcl.config import override
 from jaxcl.methods import base
 
 

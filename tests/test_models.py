@@ -1,5 +1,3 @@
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxcl import data, methods, models, optim, train
-from jaxcl.methods import _memory, base, nccl
+from jaxcl.methods import _memory, nccl
 from jaxcl.models import _MODELS
 
 
@@ -119,7 +119,7 @@ def test_scanned_inner_loop_equals_the_steps_written_out(make_config):
     _, aux = m.loss(state.params, state, batch, task, rng, "train")
     cm = nccl.calibrated(models.build(c.model, stream.info))
     mcfg = c.method
-    theta, calib, ms = state.params["params"], state.params["calib"], state.model_state
+    theta, calib = state.params["params"], state.params["calib"]
     x, y = jnp.asarray(batch["x"]), jnp.asarray(batch["y"])
 
     def fwd(th, xx, tt):

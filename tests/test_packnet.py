@@ -139,7 +139,7 @@ def test_owner_indices_partition_the_weights_as_the_schedule_says(make_config, t
             o, w = np.asarray(o), np.asarray(w)
             assert o.max() <= t + 1  # every weight has one owner among the tasks so far, or is free
             assert (w[o == 0] == 0).all()  # freed weights are exactly zero
-            n, left = o.size, o.size
+            left = o.size
             for k in range(t + 1):  # the fraction of each task, layer by layer, as scheduled
                 keep = left - int(np.floor(sched[k] * left + 0.5)) if sched[k] > 0 else left
                 assert (o == k + 1).sum() == keep, (t, k)

@@ -58,8 +58,6 @@ def test_agem_per_tensor_projection_makes_each_tensor_agree_with_its_reference(m
 
 def _ref(m, s, t, rng):
     # the reference gradient A-GEM computes inside transform_grads (same key)
-    from jaxcl.methods import agem  # noqa: F401
-
     mem = s.extra["memory"]
     rep, have = _memory.memory_sample(mem, jax.random.fold_in(rng, 1), 32, mem["task"] < t)
     return jax.grad(lambda p: m.loss(p, s, dict(x=rep["x"], y=rep["y"], task=rep["task"],

@@ -1,5 +1,3 @@
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +5,7 @@ import pytest
 
 import jaxcl
 from jaxcl import data, methods, models
-from jaxcl.methods import base, rescl
-from jaxcl.models import _MODELS
+from jaxcl.methods import rescl
 
 
 def built(make_config, **sets):

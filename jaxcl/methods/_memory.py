@@ -110,7 +110,7 @@ def balanced_init(size: int, x_shape, num_outputs: int, num_classes: int) -> dic
 def balanced_insert(mem: dict, x, y, task, q, mask, cls, rng) -> dict:
     """CBRS, one sample at a time; ``cls`` is each sample's class id over the whole
     stream (what the balance is over)."""
-    size, num_classes = mem["y"].shape[0], mem["seen_per_class"].shape[0]
+    num_classes = mem["seen_per_class"].shape[0]
     x, y, task, q, mask, cls = (jnp.asarray(a) for a in (x, y, task, q, mask, cls))
 
     def pick(key, ok):
