@@ -42,7 +42,6 @@ import jax.numpy as jnp
 
 from jaxcl.methods import base
 from jaxcl.methods import _memory
-from jaxcl.methods._memory import memory_sample
 from jaxcl.models import layers
 
 
@@ -167,7 +166,7 @@ def make(config, model, info) -> base.Method:
         fast = sgd(theta, g0)
 
         def replay_loss(fast, ms, key):
-            rep, have = memory_sample(memory, key, m.replay_batch, allowed)
+            rep, have = _memory.memory_sample(memory, key, m.replay_batch, allowed)
             z, ms = forward(fast, calib, ms, jnp.concatenate([x, rep["x"]]),
                             jnp.concatenate([jnp.broadcast_to(task, (b,)), rep["task"]]), key)
             z_in, z_r = z[:b], z[b:]
@@ -190,8 +189,8 @@ def make(config, model, info) -> base.Method:
         memory = state.extra["memory"]
         fast, ms, losses, z_first, last_g = inner(theta, calib, state.model_state, batch, task, rng, memory)
         fast_out = fast if m.second_order else jax.lax.stop_gradient(fast)
-        rep, have = memory_sample(memory, jax.random.fold_in(rng, 10_000), m.replay_batch,
-                                  (memory["task"] < task) if ring else None)
+        rep, have = _memory.memory_sample(memory, jax.random.fold_in(rng, 10_000), m.replay_batch,
+                                          (memory["task"] < task) if ring else None)
 
         def distill(fast_w, cal):
             z, ms2 = forward(fast_w, cal, ms, rep["x"], rep["task"], rng)
