@@ -139,10 +139,82 @@ def test_npz_source_and_its_errors(tmp_path, monkeypatch):
 
 def test_labels_out_of_range_are_refused():
     x = np.zeros((4, 2, 2, 1), np.uint8)
-    with pytest.raises(DataError, match=r"labels out of range: found -1..2, expected 0..2"):
+    with pytest.raises(DataError, match=r"bad: y_train holds label -1 \(at index 3.*not one of the 3 declared classes"):
         data.checked("bad", x, np.array([0, 1, 2, -1]), x, np.array([0, 1, 2, 0]), num_classes=3)
-    with pytest.raises(DataError, match=r"labels out of range: found 0..3, expected 0..2"):
-        data.checked("bad", x, np.array([0, 1, 2, 3]), x, np.array([0, 1, 2, 0]), num_classes=3)
+    with pytest.raises(DataError, match=r"bad: y_test holds label 3 \(at index 1.*not one of the 3 declared classes"):
+        data.checked("bad", x, np.array([0, 1, 2, 0]), x, np.array([0, 3, 2, 0]), num_classes=3)
+
+
+def write_npz(directory, name, y_train, y_test):
+    """``<directory>/<name>.npz`` of random 8x8 images with these labels."""
+    rng = np.random.default_rng(0)
+    x = {s: rng.integers(0, 256, (len(y), 8, 8), dtype=np.uint8) for s, y in (("train", y_train), ("test", y_test))}
+    np.savez(directory / f"{name}.npz", x_train=x["train"], y_train=np.asarray(y_train, np.uint8),
+             x_test=x["test"], y_test=np.asarray(y_test, np.uint8))
+
+
+@pytest.fixture
+def npz_config(make_config, tmp_path, monkeypatch):
+    """``npz_config(name, **sets)``: a split run on ``tmp_path/<name>.npz``; sets the
+    config keys ``data.num_classes`` / ``data.allow_missing_classes`` when given."""
+    import ml_collections
+
+    monkeypatch.setenv("JAXCL_CACHE_DIR", str(tmp_path / "cache"))
+
+    def make(name, num_classes=None, allow_missing_classes=None, **sets):
+        c = ml_collections.ConfigDict(make_config(data__source="npz", data__dir=str(tmp_path), data__name=name,
+                                                  **sets).to_dict())
+        for key, value in (("num_classes", num_classes), ("allow_missing_classes", allow_missing_classes)):
+            if value is not None:
+                c.data[key] = value
+        return c
+
+    return make
+
+
+def test_a_label_outside_the_classes_is_refused_naming_dataset_split_and_label(npz_config, tmp_path):
+    y_train, y_test = np.arange(100) % 10, np.arange(50) % 10
+    y_train[7] = 12  # one label of 12 among 10 classes
+    write_npz(tmp_path, "mnist", y_train, y_test)  # a known name: its 10 classes are declared
+    with pytest.raises(DataError, match=r"mnist: y_train holds label 12 \(at index 7; 1 such sample\(s\)\), which is "
+                                        r"not one of the 10 declared classes 0..9"):
+        data.build(npz_config("mnist"))
+    write_npz(tmp_path, "toy", y_train, y_test)  # classes found in the training split: 10 and 11 are gaps
+    with pytest.raises(DataError, match=r"toy: y_train holds labels up to 12 but no sample of class 10, 11.*"
+                                        r"data.num_classes=13"):
+        data.build(npz_config("toy"))
+    assert data.build(npz_config("toy", num_classes=13)).tasks[4].classes == (8, 9)  # declared: allowed
+    y_test[3] = 11
+    write_npz(tmp_path, "toy2", np.arange(100) % 10, y_test)
+    with pytest.raises(DataError, match=r"toy2: y_test holds label 11 \(at index 3; 1 such sample\(s\)\), which is "
+                                        r"not one of the classes found in y_train, 0..9"):
+        data.build(npz_config("toy2"))
+
+
+def test_a_class_missing_from_a_task_split_is_refused_naming_task_class_and_split(npz_config, tmp_path):
+    y_train, y_test = np.arange(100) % 10, np.arange(50) % 10
+    y_train[y_train == 3] = 2  # digit 3 relabelled: task 1 would learn class 2 alone
+    write_npz(tmp_path, "mnist", y_train, y_test)
+    with pytest.raises(DataError, match=r"task 1 \(mnist\[2,3\]\) of stream split_mnist: class 3 has no training "
+                                        r"samples .*data.allow_missing_classes=True"):
+        jaxcl.run(npz_config("mnist"), tmp_path / "run", echo=lambda s: None)
+    with pytest.raises(DataError, match=r"task 1 \(mnist\[2,3\]\) of stream split_mnist: its training split holds "
+                                        r"the single class 2; a task-incremental task needs at least two"):
+        data.build(npz_config("mnist", allow_missing_classes=True))
+    write_npz(tmp_path, "mnist", np.arange(100) % 10, np.where(y_test == 5, 4, y_test))
+    with pytest.raises(DataError, match=r"task 2 \(mnist\[4,5\]\) of stream split_mnist: class 5 has no test samples"):
+        data.build(npz_config("mnist"))
+    s = data.build(npz_config("mnist", allow_missing_classes=True))  # explicitly allowed
+    assert set(s.tasks[2].y_test.tolist()) == {0}
+
+
+def test_a_single_class_task_is_refused_where_the_scenario_needs_two(npz_config, tmp_path):
+    write_npz(tmp_path, "toy", np.arange(100) % 10, np.arange(50) % 10)
+    for scenario in ("task", "domain"):
+        with pytest.raises(DataError, match=rf"task 0 \(toy\[0\]\) .* single class 0; a {scenario}-incremental task"):
+            data.build(npz_config("toy", scenario=scenario, num_tasks=10, data__classes_per_task=1))
+    s = data.build(npz_config("toy", scenario="class", num_tasks=10, data__classes_per_task=1))
+    assert s.info.num_outputs == 10
 
 
 def test_empty_task_is_refused_by_name():

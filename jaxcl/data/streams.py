@@ -64,6 +64,7 @@ class Stream:
     name: str
     scenario: str
     tasks: tuple
+    allow_missing_classes: bool = dataclasses.field(default=False, repr=False)  # data.allow_missing_classes
 
     def __post_init__(self):
         if self.scenario not in ("task", "class", "domain"):
@@ -84,6 +85,25 @@ class Stream:
                         f"task {i} ({t.name}): {split} labels out of range {int(y.min())}..{int(y.max())}, "
                         f"expected 0..{t.num_classes - 1}"
                     )
+            self._check_classes(i, t)
+
+    def _check_classes(self, i: int, t: Task) -> None:
+        """Every class of a task has training and test samples (unless allowed), and a
+        task- or domain-incremental task holds two classes to tell apart."""
+        where = f"task {i} ({t.name}) of stream {self.name}"
+        if not self.allow_missing_classes:
+            for split, y in (("training", t.y_train), ("test", t.y_test)):
+                missing = [t.classes[c] for c in sorted(set(range(t.num_classes)) - set(np.unique(y).tolist()))]
+                if missing:
+                    raise DataError(
+                        f"{where}: class {missing[0]} has no {split} samples ({len(missing)} of its classes "
+                        f"{list(t.classes)} have none); check the labels, or data.train_limit/test_limit, or let it "
+                        "through with data.allow_missing_classes=True")
+        present = np.unique(t.y_train)
+        if self.scenario != "class" and len(present) < 2:
+            raise DataError(
+                f"{where}: its training split holds the single class {t.classes[int(present[0])]}; a "
+                f"{self.scenario}-incremental task needs at least two classes to tell apart")
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -149,7 +169,7 @@ def _make_task(name, x_tr, y_tr, x_te, y_te, classes, mean, std, limits, rng) ->
 
 def split(ds: Dataset, num_tasks: int, classes_per_task: int, *, scenario: str = "task",
           class_order: Sequence[int] = (), shuffle_classes: bool = False, superclasses: bool = False,
-          seed: int = 0, limits=(0, 0)) -> Stream:
+          seed: int = 0, limits=(0, 0), allow_missing_classes: bool = False) -> Stream:
     """Partition the classes of ``ds`` into ``num_tasks`` tasks of ``classes_per_task``;
     with ``superclasses``, one task per superclass (CIFAR-100's 20 coarse labels, in
     label order) holding its fine classes."""
@@ -190,11 +210,11 @@ def split(ds: Dataset, num_tasks: int, classes_per_task: int, *, scenario: str =
             ds.x_train[tr], lut[ds.y_train[tr]], ds.x_test[te], lut[ds.y_test[te]],
             cls, mean, std, limits, rng,
         ))
-    return Stream(f"split_{ds.name}", scenario, tuple(tasks))
+    return Stream(f"split_{ds.name}", scenario, tuple(tasks), allow_missing_classes)
 
 
 def _per_task_stream(ds: Dataset, kind: str, num_tasks: int, transform, scenario: str,
-                     seed: int, limits) -> Stream:
+                     seed: int, limits, allow_missing_classes: bool) -> Stream:
     rng = np.random.default_rng([seed, 2])
     mean, std = _channel_stats(ds.x_train)
     cls = tuple(range(ds.num_classes))
@@ -204,11 +224,11 @@ def _per_task_stream(ds: Dataset, kind: str, num_tasks: int, transform, scenario
         (xtr, ytr), (xte, yte) = base
         f, label = transform(t)
         tasks.append(Task(f"{ds.name}-{kind}{label}", f(xtr), ytr, f(xte), yte, cls, mean, std))
-    return Stream(f"{kind}_{ds.name}", scenario, tuple(tasks))
+    return Stream(f"{kind}_{ds.name}", scenario, tuple(tasks), allow_missing_classes)
 
 
 def permuted(ds: Dataset, num_tasks: int, *, scenario: str = "domain", seed: int = 0,
-             limits=(0, 0)) -> Stream:
+             limits=(0, 0), allow_missing_classes: bool = False) -> Stream:
     """Each task applies its own fixed random permutation to the pixels (every task is
     permuted, the first included, as Avalanche's PermutedMNIST)."""
     rng = np.random.default_rng([seed, 3])
@@ -220,11 +240,11 @@ def permuted(ds: Dataset, num_tasks: int, *, scenario: str = "domain", seed: int
             return np.ascontiguousarray(np.asarray(x).reshape(len(x), n)[:, perms[t]].reshape(x.shape))
         return f, str(t)
 
-    return _per_task_stream(ds, "permuted", num_tasks, transform, scenario, seed, limits)
+    return _per_task_stream(ds, "permuted", num_tasks, transform, scenario, seed, limits, allow_missing_classes)
 
 
 def rotated(ds: Dataset, num_tasks: int, *, angles: Sequence[float] = (), max_angle: float = 180.0,
-            scenario: str = "domain", seed: int = 0, limits=(0, 0)) -> Stream:
+            scenario: str = "domain", seed: int = 0, limits=(0, 0), allow_missing_classes: bool = False) -> Stream:
     """Each task rotates every image by its own angle (default: evenly spaced in
     [0, max_angle)), bilinear, zero fill."""
     from scipy import ndimage
@@ -240,7 +260,7 @@ def rotated(ds: Dataset, num_tasks: int, *, angles: Sequence[float] = (), max_an
             return np.clip(np.round(r), 0, 255).astype(np.uint8)
         return f, f"{angles[t]:g}"
 
-    return _per_task_stream(ds, "rotated", num_tasks, transform, scenario, seed, limits)
+    return _per_task_stream(ds, "rotated", num_tasks, transform, scenario, seed, limits, allow_missing_classes)
 
 
 def _to_shape(x: np.ndarray, shape: tuple) -> np.ndarray:
@@ -265,7 +285,7 @@ def _to_shape(x: np.ndarray, shape: tuple) -> np.ndarray:
 
 
 def multi(datasets: Sequence[Dataset], *, scenario: str = "task", classes_per_task: int = 0, seed: int = 0,
-          limits=(0, 0), shape: tuple = ()) -> Stream:
+          limits=(0, 0), shape: tuple = (), allow_missing_classes: bool = False) -> Stream:
     """One task per dataset (or, with ``classes_per_task``, one per consecutive group of
     that many of each dataset's classes), images zero-padded and channel-repeated to
     ``shape`` (H, W, C), by default the largest of the datasets' (MNIST 28x28x1 -> 32x32x3
@@ -288,7 +308,7 @@ def multi(datasets: Sequence[Dataset], *, scenario: str = "task", classes_per_ta
             name = d.name if size == d.num_classes else f"{d.name}[{start}-{start + size - 1}]"
             tasks.append(_make_task(name, xtr[tr], d.y_train[tr] - start, xte[te], d.y_test[te] - start, cls,
                                     mean, std, limits, rng))
-    return Stream("multi_" + "_".join(d.name for d in datasets), scenario, tuple(tasks))
+    return Stream("multi_" + "_".join(d.name for d in datasets), scenario, tuple(tasks), allow_missing_classes)
 
 
 def _select(stream: Stream, keep) -> Stream:
@@ -298,20 +318,26 @@ def _select(stream: Stream, keep) -> Stream:
     bad = [k for k in keep if not 0 <= k < len(stream)]
     if bad:
         raise DataError(f"data.tasks: {bad} out of range for a stream of {len(stream)} tasks")
-    return Stream(stream.name, stream.scenario, tuple(stream.tasks[k] for k in keep))
+    return dataclasses.replace(stream, tasks=tuple(stream.tasks[k] for k in keep))
 
 
 def build(cfg) -> Stream:
     """The stream a run config describes (``cfg.data``, ``cfg.num_tasks``, ``cfg.scenario``)."""
     d = cfg.data
     limits = (d.train_limit, d.test_limit)
+    num_classes = d.get("num_classes", 0)  # declared classes of data.name (0: its own, or found)
+    allow = d.get("allow_missing_classes", False)  # a task may miss a class in a split
 
-    def get(name):
-        return load(name, d.source, d.dir, label_key=d.label_key, download=d.download, tfds_dir=d.tfds_dir)
+    def get(name, num_classes=0):
+        return load(name, d.source, d.dir, label_key=d.label_key, download=d.download, tfds_dir=d.tfds_dir,
+                    num_classes=num_classes)
 
     if d.stream == "multi":
+        if num_classes:
+            raise DataError("data.num_classes declares the classes of data.name; a multi stream takes each "
+                            "dataset's own")
         stream = multi([get(n) for n in d.datasets], scenario=cfg.scenario, classes_per_task=d.classes_per_task,
-                       seed=cfg.seed, limits=limits, shape=tuple(d.image_shape))
+                       seed=cfg.seed, limits=limits, shape=tuple(d.image_shape), allow_missing_classes=allow)
         stream = _select(stream, d.tasks)
         if len(stream) != cfg.num_tasks:
             raise DataError(f"data.datasets {list(d.datasets)} with data.classes_per_task={d.classes_per_task} "
@@ -319,14 +345,13 @@ def build(cfg) -> Stream:
         return stream
     if d.tasks:
         raise DataError("data.tasks selects tasks of multi streams only")
-    ds = get(d.name)
+    ds = get(d.name, num_classes)
+    common = dict(scenario=cfg.scenario, seed=cfg.seed, limits=limits, allow_missing_classes=allow)
     if d.stream == "split":
-        return split(ds, cfg.num_tasks, d.classes_per_task, scenario=cfg.scenario, class_order=d.class_order,
-                     shuffle_classes=d.shuffle_classes, superclasses=d.superclass_tasks, seed=cfg.seed,
-                     limits=limits)
+        return split(ds, cfg.num_tasks, d.classes_per_task, class_order=d.class_order,
+                     shuffle_classes=d.shuffle_classes, superclasses=d.superclass_tasks, **common)
     if d.stream == "permuted":
-        return permuted(ds, cfg.num_tasks, scenario=cfg.scenario, seed=cfg.seed, limits=limits)
+        return permuted(ds, cfg.num_tasks, **common)
     if d.stream == "rotated":
-        return rotated(ds, cfg.num_tasks, angles=d.angles, max_angle=d.max_angle, scenario=cfg.scenario,
-                       seed=cfg.seed, limits=limits)
+        return rotated(ds, cfg.num_tasks, angles=d.angles, max_angle=d.max_angle, **common)
     raise DataError(f"data.stream: {d.stream!r} is not one of split, permuted, rotated, multi")
