@@ -28,6 +28,6 @@ def get_config(arg=None):
         "ewc": {"method.ewc_lambda": 1.0},
         # equal shares of the trunk (each task keeps 1/(tasks left) of what is free) and SGD
         # with momentum: freed weights restart from zero, which SGD at 1e-3 is too slow for
-        "packnet": {"method.prune": tuple((9 - t) / (10 - t) for t in range(9)) + (-1.0,),
+        "packnet": {"method.prune": (),  # () = equal shares for num_tasks tasks
                     "method.retrain_epochs": 2, "optimizer.lr": 0.01, "optimizer.momentum": 0.9},
     })

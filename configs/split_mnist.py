@@ -25,6 +25,6 @@ def get_config(arg=None):
     c.optimizer.lr = 1e-3
     return cfglib.finalize(c, arg, {
         "ewc": {"method.ewc_lambda": 5000.0},
-        # equal shares: each task keeps 1/(tasks left) of what is free, the last keeps the rest
-        "packnet": {"method.prune": (0.8, 0.75, 2 / 3, 0.5, -1.0), "method.retrain_epochs": 1},
+        # () = equal shares for num_tasks: each task keeps 1/(tasks left) of what is free, the last the rest
+        "packnet": {"method.prune": (), "method.retrain_epochs": 1},
     })

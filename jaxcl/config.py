@@ -259,7 +259,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.model.init in ("torch", "flax"), f"model.init: {c.model.init!r} is not one of torch, flax")
     need(c.model.dtype in ("float32", "bfloat16"), f"model.dtype: {c.model.dtype!r} is not one of float32, bfloat16")
     need(c.data.train_limit >= 0 and c.data.test_limit >= 0, "data.train_limit/test_limit: must be >= 0")
-    method_module(c.method.name)
+    method_module(c.method.name).validate(c)
 
 
 def to_json(c: ml_collections.ConfigDict) -> str:

@@ -154,3 +154,41 @@ def test_joint_trains_on_mixed_task_batches_with_per_sample_heads(make_config):
     head = np.asarray(g["params"]["head"]["kernel"])
     used = sorted(set(mixed["task"].tolist()))
     assert all(np.abs(head[k]).sum() > 0 for k in used) and np.abs(head[3:]).sum() == 0
+
+
+# ----------------------------------------------------------------------------- settings, refused when the config is built
+
+
+@pytest.mark.parametrize("spec,sets,msg", [
+    ("ewc", ["method.fisher=xyz"], "method.fisher: 'xyz' is not one of"),
+    ("ewc", ["method.ewc_lambda=-5"], "method.ewc_lambda: must be >= 0"),
+    ("packnet", ["method.prune=1.5"], "method.prune: fractions must be < 1"),
+    ("packnet", ["method.prune=(0.5,0.5)"], "method.prune: 2 fractions given for 5 tasks"),
+    ("er", ["method.memory_size=-4"], "method.memory_size: must be >= 1"),
+    ("nccl", ["method.memory_size=0"], "method.memory_size: must be >= 1"),
+    ("derpp", ["method.alpha=-1.0"], "method.alpha: must be >= 0"),
+    ("si", ["method.si_lambda=-1.0"], "method.si_lambda: must be >= 0"),
+    ("lwf", ["method.alpha=(1.0,-1.0,1.0,1.0,1.0)"], "method.alpha: weights must be >= 0"),
+    ("rescl", ["method.l1=-0.1"], "method.l1: must be >= 0"),
+    ("clr", ["scenario=class"], "scenario: CLR is task-incremental"),
+])
+def test_bad_method_settings_are_refused_by_name_when_the_config_is_validated(spec, sets, msg):
+    import jaxcl
+    from jaxcl import config as config_lib
+
+    c = config_lib.override(jaxcl.get_config(f"split_digits:method={spec}"), sets)
+    with pytest.raises(jaxcl.ConfigError, match=msg):
+        config_lib.validate(c)
+
+
+def test_per_task_defaults_follow_num_tasks():
+    import jaxcl
+    from jaxcl import config as config_lib
+    from jaxcl.methods import packnet
+
+    for n in (3, 5, 10):
+        c = config_lib.override(jaxcl.get_config("permuted_mnist:method=packnet"), [f"num_tasks={n}"])
+        config_lib.validate(c)
+        fr = packnet.schedule(c.method.prune, n)
+        assert len(fr) == n and fr[-1] < 0  # equal shares: the last task keeps what is left
+        np.testing.assert_allclose(fr[:-1], [(n - 1 - t) / (n - t) for t in range(n - 1)])

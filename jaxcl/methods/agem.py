@@ -21,10 +21,16 @@ def defaults() -> dict:
     return {"patterns_per_task": 250, "sample_size": 256, "projection": "global"}
 
 
-def make(config, model, info) -> base.Method:
+def validate(config) -> None:
     m = config.method
-    if m.projection not in ("global", "per_tensor"):
-        raise ValueError(f"method.projection: {m.projection!r} is not one of global, per_tensor")
+    base.check_range(m, "patterns_per_task", 1)
+    base.check_range(m, "sample_size", 1)
+    base.check_choice(m, "projection", ("global", "per_tensor"))
+
+
+def make(config, model, info) -> base.Method:
+    validate(config)
+    m = config.method
     num_tasks = info.num_tasks
     plain = base.classification_loss(model)
 

@@ -1,9 +1,12 @@
 """The method contract: what every continual-learning method in jaxcl is.
 
-A method is a module ``jaxcl/methods/<name>.py`` with two functions:
+A method is a module ``jaxcl/methods/<name>.py`` with three functions:
 
 * ``defaults() -> dict``: its hyperparameters and their defaults (they become the keys
   of ``config.method``);
+* ``validate(config)``: refuses a setting no run can use with a :class:`ConfigError`
+  naming its key (``jaxcl.config.validate`` calls it, so a bad value stops before any
+  data is loaded; ``make`` calls it too);
 * ``make(config, model, info) -> Method``: a factory that closes over the run config,
   the Flax model and the stream's :class:`~jaxcl.data.StreamInfo`, and returns a
   :class:`Method`, a NamedTuple of pure, jittable functions over a :class:`State`.
@@ -39,6 +42,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxcl.config import ConfigError
 
 PyTree = Any
 # Model collections updated by the forward pass rather than by gradients.
@@ -205,3 +210,32 @@ def stack_like(tree: PyTree, n: int) -> PyTree:
 def tree_set(stacked: PyTree, index, tree: PyTree) -> PyTree:
     """``stacked[index] = tree`` leaf by leaf, with a traced index."""
     return jax.tree_util.tree_map(lambda s, v: s.at[index].set(v.astype(s.dtype)), stacked, tree)
+
+
+# ----------------------------------------------------------------------------- settings checks
+
+
+def need(ok: bool, key: str, message: str) -> None:
+    """Refuse ``method.<key>`` with ``message`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"method.{key}: {message}")
+
+
+def check_range(m, key: str, low: float, *, strict: bool = False) -> None:
+    """``m[key] >= low`` (``> low`` when ``strict``)."""
+    v = m[key]
+    need(v > low if strict else v >= low, key, f"must be {'>' if strict else '>='} {low}, got {v}")
+
+
+def check_choice(m, key: str, allowed) -> None:
+    need(m[key] in allowed, key, f"{m[key]!r} is not one of {', '.join(allowed)}")
+
+
+def per_task(values, num_tasks: int, key: str, what: str = "values") -> tuple:
+    """A per-task setting as one value per task: one value is repeated for every task;
+    otherwise there must be exactly ``num_tasks``."""
+    values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+    if len(values) == 1:
+        return values * num_tasks
+    need(len(values) == num_tasks, key, f"{len(values)} {what} for {num_tasks} tasks (give 1 or {num_tasks})")
+    return values

@@ -91,10 +91,17 @@ def _safe_norm(x):
     return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
 
 
+def validate(config) -> None:
+    base.check_choice(config.method, "variant", VARIANTS)
+    base.check_range(config.method, "l2", 0)
+    if config.scenario != "task":
+        raise base.ConfigError(f"scenario: CLR is task-incremental: it needs one head per task (scenario=task), "
+                               f"got {config.scenario}")
+
+
 def make(config, model, info) -> base.Method:
+    validate(config)
     variant = config.method.variant
-    if variant not in VARIANTS:
-        raise ValueError(f"method.variant: {variant!r} is not one of {', '.join(VARIANTS)}")
     if not hasattr(model, "conv") or not hasattr(model, "norm"):
         raise ValueError(f"CLR reprograms convolutions; model {config.model.name} has none")
     if info.num_heads != info.num_tasks:

@@ -21,11 +21,18 @@ def defaults() -> dict:
     return {"memory_size": 200, "replay_batch": 32, "alpha": 0.1, "beta": 0.5}
 
 
+def validate(config) -> None:
+    m = config.method
+    base.check_range(m, "memory_size", 1)
+    base.check_range(m, "replay_batch", 1)
+    base.check_range(m, "alpha", 0)
+    base.check_range(m, "beta", 0)
+
+
 def make(config, model, info) -> base.Method:
+    validate(config)
     m = config.method
     r = m.replay_batch
-    if r < 1:
-        raise ValueError(f"method.replay_batch: {r} must be >= 1")
 
     def init(rng, x):
         state = base.init_state(model, rng, x)

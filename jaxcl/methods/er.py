@@ -16,10 +16,16 @@ def defaults() -> dict:
     return {"memory_size": 200, "replay_batch": 10, "memory": "reservoir"}
 
 
-def make(config, model, info) -> base.Method:
+def validate(config) -> None:
     m = config.method
-    if m.memory not in _memory.KINDS:
-        raise ValueError(f"method.memory: {m.memory!r} is not one of {', '.join(_memory.KINDS)}")
+    base.check_range(m, "memory_size", 1)
+    base.check_range(m, "replay_batch", 1)
+    base.check_choice(m, "memory", _memory.KINDS)
+
+
+def make(config, model, info) -> base.Method:
+    validate(config)
+    m = config.method
     num_classes, class_of = _memory.global_classes(info)
 
     def init(rng, x):

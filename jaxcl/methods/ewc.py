@@ -36,10 +36,15 @@ def defaults() -> dict:
     return {"ewc_lambda": 1.0, "fisher": "batch"}
 
 
+def validate(config) -> None:
+    base.check_range(config.method, "ewc_lambda", 0)
+    check_estimate(config.method.fisher)
+
+
 def make(config, model, info) -> base.Method:
+    validate(config)
     lam = config.method.ewc_lambda
     estimate = config.method.fisher
-    check_estimate(estimate)
     plain_loss = base.classification_loss(model)
 
     def init(rng, x):
@@ -93,8 +98,7 @@ def make(config, model, info) -> base.Method:
 
 
 def check_estimate(estimate: str) -> None:
-    if estimate not in ("batch", "empirical"):
-        raise ValueError(f"method.fisher: {estimate!r} is not one of batch, empirical")
+    base.need(estimate in ("batch", "empirical"), "fisher", f"{estimate!r} is not one of batch, empirical")
 
 
 def fisher_consolidate(model, estimate: str):

@@ -7,5 +7,9 @@ def defaults() -> dict:
     return {}
 
 
+def validate(config) -> None:
+    """No settings to check."""
+
+
 def make(config, model, info) -> base.Method:
     return base.make("finetune", config, model)

@@ -36,14 +36,17 @@ def kl(teacher, student, t, units=None):
     return jnp.sum(p * (jax.nn.log_softmax(teacher / t, -1) - jax.nn.log_softmax(student / t, -1)), -1)
 
 
+def validate(config) -> None:
+    m = config.method
+    alpha = base.per_task(m.alpha, config.num_tasks, "alpha", "weights")
+    base.need(all(a >= 0 for a in alpha), "alpha", f"weights must be >= 0, got {m.alpha}")
+    base.check_range(m, "temperature", 0, strict=True)
+
+
 def make(config, model, info) -> base.Method:
+    validate(config)
     num_tasks, temp = info.num_tasks, float(config.method.temperature)
-    alpha = [float(a) for a in config.method.alpha]
-    if len(alpha) == 1:
-        alpha = alpha * num_tasks
-    if len(alpha) != num_tasks:
-        raise ValueError(f"method.alpha: {len(alpha)} weights for {num_tasks} tasks (give 1 or {num_tasks})")
-    alpha = jnp.asarray(alpha, jnp.float32)
+    alpha = jnp.asarray(base.per_task(config.method.alpha, num_tasks, "alpha", "weights"), jnp.float32)
     per_task_heads = info.num_heads == num_tasks and num_tasks > 1
     # output units of each task in the single-head scenarios
     if info.scenario == "class":

@@ -115,15 +115,22 @@ def calibrated_weights(params, calib):
 # ----------------------------------------------------------------------------- the method
 
 
-def make(config, model, info) -> base.Method:
+def validate(config) -> None:
     m = config.method
     for key, allowed in (("memory", ("reservoir", "ring")), ("feature_calibration", ("multiply", "add")),
                          ("ewc_grad", ("outer", "last_inner"))):
-        if m[key] not in allowed:
-            raise ValueError(f"method.{key}: {m[key]!r} is not one of {', '.join(allowed)}")
+        base.check_choice(m, key, allowed)
+    for key in ("inner_steps", "memory_size", "replay_batch"):
+        base.check_range(m, key, 1)
+    for key in ("inner_lr", "inner_clip", "gamma", "reg", "reg_ewc"):
+        base.check_range(m, key, 0)
+    base.check_range(m, "temperature", 0, strict=True)
+
+
+def make(config, model, info) -> base.Method:
+    validate(config)
+    m = config.method
     num_tasks, temp, K = info.num_tasks, float(m.temperature), int(m.inner_steps)
-    if K < 1:
-        raise ValueError(f"method.inner_steps: must be >= 1, got {K}")
     cmodel = calibrated(model, m.feature_calibration)
     ring = m.memory == "ring"
 

@@ -20,11 +20,16 @@ def defaults() -> dict:
     return {"ewc_lambda": 1.0, "decay": 1.0, "fisher": "batch"}
 
 
+def validate(config) -> None:
+    m = config.method
+    base.check_range(m, "ewc_lambda", 0)
+    base.need(0.0 <= m.decay <= 1.0, "decay", f"{m.decay} is not in [0, 1]")
+    ewc.check_estimate(m.fisher)
+
+
 def make(config, model, info) -> base.Method:
+    validate(config)
     lam, decay = config.method.ewc_lambda, config.method.decay
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"method.decay: {decay} is not in [0, 1]")
-    ewc.check_estimate(config.method.fisher)
     plain_loss = base.classification_loss(model)
 
     def init(rng, x):

@@ -18,7 +18,8 @@ As the reference code (arunmallya/packnet, ``src/prune.py``) does it:
   zero); they are frozen from the next task on.
 * ``method.prune`` is the per-task schedule of fractions: one value for every task, or
   one per task; a value <= 0 (``-1``) means: do not prune after that task (and no
-  retraining). Avalanche's Tiny-ImageNet proportions are
+  retraining). ``()`` gives every task an equal share of the trunk, whatever
+  ``num_tasks`` is: task t frees ``(T-1-t)/(T-t)`` of what it took, the last keeps all. Avalanche's Tiny-ImageNet proportions are
   ``(0.90, 0.88, 0.87, 0.85, 0.83, 0.80, 0.75, 0.66, 0.50, 0.00)``.
 * Biases and batch norm are trained on the first task only and frozen after (the
   reference's default; batch norm runs in inference mode from the second task on: the
@@ -54,15 +55,22 @@ def defaults() -> dict:
 
 
 def schedule(prune, num_tasks: int) -> np.ndarray:
-    """``method.prune`` as one fraction per task."""
+    """``method.prune`` as one fraction per task (``()``: equal shares of the trunk)."""
     fr = [float(f) for f in (prune if isinstance(prune, (tuple, list)) else (prune,))]
-    if len(fr) == 1:
-        fr = fr * num_tasks
-    if len(fr) != num_tasks:
-        raise ValueError(f"method.prune: {len(fr)} fractions given for {num_tasks} tasks (give 1 or {num_tasks})")
-    if any(f >= 1.0 for f in fr):
-        raise ValueError(f"method.prune: fractions must be < 1 (<= 0 means no pruning), got {fr}")
+    if not fr:
+        fr = [(num_tasks - 1 - t) / (num_tasks - t) for t in range(num_tasks - 1)] + [-1.0]
+    fr = list(base.per_task(fr, num_tasks, "prune", "fractions given"))
+    base.need(all(f < 1.0 for f in fr), "prune", f"fractions must be < 1 (<= 0 means no pruning), got {fr}")
     return np.asarray(fr, np.float32)
+
+
+def validate(config) -> None:
+    m = config.method
+    schedule(m.prune, config.num_tasks)
+    base.check_range(m, "retrain_epochs", 0)
+    base.check_range(m, "retrain_lr", 0)
+    base.need(all(e >= 0 for e in m.retrain_milestones), "retrain_milestones",
+              f"epochs must be >= 0, got {m.retrain_milestones}")
 
 
 def kth_smallest_bits(bits: jax.Array, k: jax.Array) -> jax.Array:
@@ -93,6 +101,7 @@ def prune_layer(w: jax.Array, owner: jax.Array, who: jax.Array, fraction: jax.Ar
 
 
 def make(config, model, info) -> base.Method:
+    validate(config)
     num_tasks = info.num_tasks
     fractions = schedule(config.method.prune, num_tasks)
     frac_arr = jnp.asarray(fractions)

@@ -164,15 +164,23 @@ def _is_target(path) -> bool:
     return any(isinstance(k, str) and k.startswith("target_") for k in (getattr(p, "key", None) for p in path))
 
 
-def make(config, model, info) -> base.Method:
+def validate(config) -> None:
     m = config.method
-    if m.target_loss not in ("kd", "ce"):
-        raise ValueError(f"method.target_loss: {m.target_loss!r} is not one of kd, ce")
+    base.check_choice(m, "target_loss", ("kd", "ce"))
+    base.need(len(m.a_init) == 2, "a_init", f"expected (a_s, a_t), got {m.a_init}")
+    base.check_range(m, "l1", 0)
+    base.check_range(m, "combine_epochs", 0)
+    base.check_range(m, "temperature", 0, strict=True)
+    if config.scenario != "task":
+        raise base.ConfigError(f"scenario: ResCL keeps a head per task: it needs scenario=task, got {config.scenario}")
+
+
+def make(config, model, info) -> base.Method:
+    validate(config)
+    m = config.method
     if info.num_heads != info.num_tasks:
         raise ValueError("ResCL keeps a head per task: it needs scenario=task")
     a_init = tuple(float(a) for a in m.a_init)
-    if len(a_init) != 2:
-        raise ValueError(f"method.a_init: expected (a_s, a_t), got {m.a_init}")
     num_tasks, temp = info.num_tasks, float(m.temperature)
     models = {mode: _clone(model, mode, a_init) for mode in MODES}
     eps = layers.Norm().epsilon

@@ -24,6 +24,10 @@ def defaults() -> dict:
     return {}
 
 
+def validate(config) -> None:
+    """No settings to check."""
+
+
 def make(config, model, info) -> base.Method:
     sliced = info.scenario == "task" and info.num_tasks > 1
     if sliced:

@@ -22,11 +22,17 @@ def defaults() -> dict:
     return {"si_lambda": 1.0, "xi": 0.1, "omega_max": 0.0}
 
 
+def validate(config) -> None:
+    m = config.method
+    base.check_range(m, "si_lambda", 0)
+    base.need(m.xi > 0, "xi", f"{m.xi} must be > 0 (it keeps Omega finite where a parameter did not move)")
+    base.check_range(m, "omega_max", 0)
+
+
 def make(config, model, info) -> base.Method:
+    validate(config)
     m = config.method
     lam, xi, cap = float(m.si_lambda), float(m.xi), float(m.omega_max)
-    if xi <= 0:
-        raise ValueError(f"method.xi: {xi} must be > 0 (it keeps Omega finite where a parameter did not move)")
     plain_loss = base.classification_loss(model)
     tmap = jax.tree_util.tree_map
 
