@@ -20,7 +20,10 @@ _MODELS = {
     "reduced_resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock, width=20, stem="cifar"),
     "resnet18_cifar": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock, width=64, stem="cifar"),
     "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock, width=64, stem="imagenet"),
+    "resnet34": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BasicBlock, width=64, stem="imagenet"),
     "resnet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck, width=64, stem="imagenet"),
+    "vgg16": functools.partial(VGG, batch_norm=False, conv_bias=True, pool=7, dropout=0.5),
+    "vgg16_bn": functools.partial(VGG, batch_norm=True, conv_bias=True, pool=7, dropout=0.5),
     "vgg16_bn_cifar": VGG,
     "wrn28_2": functools.partial(WideResNet, depth=28, widen=2),
 }
@@ -31,7 +34,10 @@ DESCRIPTIONS = {
     "reduced_resnet18": "reduced ResNet-18 of GEM/La-MAML/NCCL: BasicBlock [2,2,2,2], width 20, 3x3 stem",
     "resnet18_cifar": "CIFAR ResNet-18: BasicBlock [2,2,2,2], width 64, 3x3 stem, no max-pool",
     "resnet18": "ImageNet-layout ResNet-18: 7x7/2 stem, max-pool, BasicBlock [2,2,2,2]",
+    "resnet34": "ImageNet-layout ResNet-34: BasicBlock [3,4,6,3]",
     "resnet50": "ImageNet-layout ResNet-50: Bottleneck [3,4,6,3]",
+    "vgg16": "torchvision's ImageNet VGG-16: 13 convs with bias, 7x7 adaptive pool, dense 25088-4096-4096, dropout 0.5",
+    "vgg16_bn": "torchvision's ImageNet VGG-16-BN: vgg16 with batch norm after every conv",
     "vgg16_bn_cifar": "VGG-16 with batch norm for 32x32 inputs, dense 512-4096-4096 trunk (CPG's vgg16_bn_cifar100)",
     "wrn28_2": "Wide ResNet 28-2, pre-activation, for 32x32 inputs",
 }

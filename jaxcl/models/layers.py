@@ -121,6 +121,20 @@ def conv2d(x: Array, kernel: Array, strides: int = 1, padding: int = 0, dtype=jn
     )
 
 
+def adaptive_avg_pool(x: Array, size: int) -> Array:
+    """PyTorch's ``AdaptiveAvgPool2d((size, size))`` on NHWC: output row ``i`` averages
+    input rows ``floor(i * H / size)`` to ``ceil((i + 1) * H / size)`` (bins may overlap),
+    the same for columns."""
+    def pool(x, axis):
+        n = x.shape[axis]
+        if n == size:
+            return x
+        bins = [jax.lax.slice_in_dim(x, i * n // size, -(-(i + 1) * n // size), axis=axis) for i in range(size)]
+        return jnp.concatenate([b.mean(axis, keepdims=True) for b in bins], axis)
+
+    return pool(pool(x, 1), 2)
+
+
 def _shifted_sum(y: Array, kernel: Array) -> Array:
     """Depthwise correlation ``out[b,h,w,c] = sum_ij ypad[b,h+i,w+j,c] * k[i,j,c]`` (stride
     1, 'same' padding) as k*k shifted multiply-adds; ``kernel`` is ``[k, k, 1, C]`` or one
