@@ -1,6 +1,6 @@
 """Command line: ``jaxcl run | report | list``.
 
-    jaxcl run [CONFIG[:ARG]] [--set KEY=VALUE ...] [--workdir DIR] [--resume]
+    jaxcl run [CONFIG[:ARG]] [--set KEY=VALUE ...] [--seeds S ...] [--workdir DIR] [--resume]
     jaxcl report WORKDIR [WORKDIR ...]
     jaxcl list
 """
@@ -33,6 +33,10 @@ def cmd_run(args) -> int:
     config = jaxcl.get_config(args.config)
     if args.set:
         config = config_lib.override(config, args.set)
+    if args.seeds is not None:
+        if not args.seeds:
+            raise config_lib.ConfigError("--seeds: give at least one seed, e.g. --seeds 0 1 2")
+        config = config_lib.override(config, [f"seeds={tuple(args.seeds)!r}"])
     config_lib.validate(config)
     workdir = Path(args.workdir) if args.workdir else _workdir_for(config, args.resume)
     print(f"jaxcl: {config.benchmark} / {config.method.name} ({config.scenario}-incremental) -> {workdir}",
@@ -40,7 +44,7 @@ def cmd_run(args) -> int:
     results = jaxcl.run(config, workdir, resume=args.resume)
     print()
     print(jaxcl.report.summary_table(results))
-    print(f"\nresults: {workdir / 'results.json'}")
+    print(f"\nresults: {workdir / ('summary.json' if 'seeds' in results else 'results.json')}")
     return 0
 
 
@@ -82,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
                    help="benchmark name or config .py path, optionally :method=NAME (default: split_digits)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optimizer.lr=0.1 (repeatable)")
+    r.add_argument("--seeds", nargs="*", type=int, default=None, metavar="S",
+                   help="train these seeds at once in one program (per-seed results and a summary)")
     r.add_argument("--workdir", default=None, help="where results and checkpoints go (default: runs/...)")
     r.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
     r.set_defaults(fn=cmd_run)

@@ -21,7 +21,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 # Sections that do not change what a run computes: a checkpoint written under other
 # values of these keys may be resumed.
-NON_RESULT_SECTIONS = ("log", "checkpoint", "mesh")
+NON_RESULT_SECTIONS = ("log", "checkpoint", "mesh", "loop")
+# Keys that change where the work is done but not what it computes (up to float rounding).
+NON_RESULT_KEYS = ("data.on_device",)
 
 
 class ConfigError(ValueError):
@@ -33,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.benchmark = "custom"
     c.seed = 0
+    c.seeds = ()  # train these seeds at once in one program (--seeds); () = just `seed`
     c.num_tasks = 5
     c.epochs = 1
     c.batch_size = 32
@@ -61,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.label_key = "label"  # TFDS feature holding the label (cifar100: coarse_label)
     c.data.download = False  # let TFDS download and prepare a missing dataset
     c.data.tfds_dir = ""  # TFDS data_dir (default: TFDS's own)
+    c.data.on_device = "auto"  # auto | true | false: keep the stream in device memory (auto: when it fits)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"  # see `jaxcl list`
@@ -99,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.progress = True
     c.log.tensorboard = True
     c.log.plots = True
+
+    c.loop = ml_collections.ConfigDict()
+    c.loop.steps_per_call = "auto"  # train steps per compiled call (a lax.scan); auto or an integer >= 1
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the `data` axis (-1: all visible devices)
@@ -259,7 +266,34 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.model.init in ("torch", "flax"), f"model.init: {c.model.init!r} is not one of torch, flax")
     need(c.model.dtype in ("float32", "bfloat16"), f"model.dtype: {c.model.dtype!r} is not one of float32, bfloat16")
     need(c.data.train_limit >= 0 and c.data.test_limit >= 0, "data.train_limit/test_limit: must be >= 0")
+    need(str(c.data.on_device).lower() in ("auto", "true", "false"),
+         f"data.on_device: {c.data.on_device!r} is not one of auto, true, false")
+    steps_per_call(c)
+    seeds = tuple(c.seeds)
+    need(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds), f"seeds: expected integers, got {seeds}")
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    need(not dup, f"seeds: {dup} given more than once")
+    need(c.mesh.data == -1 or c.mesh.data >= 1, f"mesh.data: must be -1 (all devices) or >= 1, got {c.mesh.data}")
     method_module(c.method.name).validate(c)
+
+
+def steps_per_call(c: ml_collections.ConfigDict) -> int | None:
+    """``loop.steps_per_call`` as an integer, or None for auto."""
+    v = c.loop.steps_per_call
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return None
+    try:
+        k = int(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"loop.steps_per_call: expected auto or an integer >= 1, got {v!r}") from None
+    if k < 1 or str(k) != str(v).strip():
+        raise ConfigError(f"loop.steps_per_call: expected auto or an integer >= 1, got {v!r}")
+    return k
+
+
+def run_seeds(c: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The seeds a run trains: ``seeds`` when given, else ``(seed,)``."""
+    return tuple(c.seeds) or (c.seed,)
 
 
 def to_json(c: ml_collections.ConfigDict) -> str:
@@ -271,4 +305,7 @@ def fingerprint(c: ml_collections.ConfigDict) -> dict:
     d = json.loads(to_json(c))
     for k in NON_RESULT_SECTIONS:
         d.pop(k, None)
+    for k in NON_RESULT_KEYS:
+        section, key = k.split(".")
+        d.get(section, {}).pop(key, None)
     return d

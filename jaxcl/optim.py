@@ -47,8 +47,10 @@ def lr_at(cfg, epoch: int, epochs: int, phase=None) -> float:
     return cfg.lr
 
 
-def with_lr(opt_state, lr: float):
-    """``opt_state`` with its injected learning rate set to ``lr``."""
+def with_lr(opt_state, lr):
+    """``opt_state`` with its injected learning rate set to ``lr`` (a number, or one per
+    run of a state stacked over runs)."""
     hp = dict(opt_state.hyperparams)
-    hp["learning_rate"] = jnp.asarray(lr, dtype=jnp.asarray(hp["learning_rate"]).dtype)
+    cur = jnp.asarray(hp["learning_rate"])
+    hp["learning_rate"] = jnp.broadcast_to(jnp.asarray(lr, dtype=cur.dtype), cur.shape)  # per run when stacked
     return opt_state._replace(hyperparams=hp)

@@ -8,8 +8,8 @@ from typing import Sequence
 import numpy as np
 
 
-def save_results(workdir: str | Path, results: dict) -> Path:
-    path = Path(workdir) / "results.json"
+def save_results(workdir: str | Path, results: dict, name: str = "results.json") -> Path:
+    path = Path(workdir) / name
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1, default=float))
     tmp.replace(path)
@@ -17,15 +17,19 @@ def save_results(workdir: str | Path, results: dict) -> Path:
 
 
 def load_results(workdir: str | Path) -> dict:
+    """``results.json`` of a run, or ``summary.json`` of a multi-seed run."""
     path = Path(workdir) / "results.json"
+    if not path.exists() and (Path(workdir) / "summary.json").exists():
+        path = Path(workdir) / "summary.json"
     if not path.exists():
         raise FileNotFoundError(f"{workdir}: no results.json (has the run finished?)")
     return json.loads(path.read_text())
 
 
-def plot(workdir: str | Path, R: Sequence[Sequence[float]], title: str = "") -> list[Path]:
+def plot(workdir: str | Path, R: Sequence[Sequence[float]], title: str = "", band=None) -> list[Path]:
     """``accuracy_matrix.png`` (heatmap of R) and ``task_accuracy.png`` (each task's
-    accuracy as tasks are learned)."""
+    accuracy as tasks are learned); ``band``: the matrices of several seeds (R their
+    mean), drawn as each task's min-max band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,7 +57,10 @@ def plot(workdir: str | Path, R: Sequence[Sequence[float]], title: str = "") -> 
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for j in range(tasks):
-        ax.plot(range(j, rows), R[j:, j], marker="o", ms=3, label=f"task {j}")
+        line, = ax.plot(range(j, rows), R[j:, j], marker="o", ms=3, label=f"task {j}")
+        if band is not None:
+            B = np.asarray(band, dtype=float)
+            ax.fill_between(range(j, rows), B[:, j:, j].min(0), B[:, j:, j].max(0), color=line.get_color(), alpha=0.2)
     ax.plot(range(rows), [R[i, : i + 1].mean() for i in range(rows)], "k--", lw=2, label="mean (seen)")
     ax.set_xlabel("after training task")
     ax.set_ylabel("accuracy")
@@ -77,7 +84,10 @@ def matrix_table(R: Sequence[Sequence[float]]) -> str:
 
 
 def summary_table(results: dict) -> str:
+    """A run's results, or a multi-seed summary (mean +- std over seeds)."""
     r = results
+    if "seeds" in r:
+        return seeds_table(r)
     p = r.get("params", {})
     lines = [
         f"{r['benchmark']}  method={r['method']}  scenario={r['scenario']}  tasks={r['num_tasks']}  model={r.get('model', '')}",
@@ -95,14 +105,37 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(s: dict) -> str:
+    lines = [
+        f"{s['benchmark']}  method={s['method']}  scenario={s['scenario']}  tasks={s['num_tasks']}  "
+        f"model={s.get('model', '')}  seeds={s['seeds']} (one program)",
+        "",
+        "mean accuracy matrix over seeds (%)",
+        matrix_table(s["accuracy_matrix"]),
+        "",
+        f"{'seed':>6} {'ACC%':>7} {'BWT':>7} {'FWT':>7} {'forget':>7}",
+    ]
+    for seed, v in s["per_seed"].items():
+        lines.append(f"{seed:>6} {100 * v['acc']:7.2f} {100 * v['bwt']:+7.2f} {100 * v['fwt']:+7.2f} "
+                     f"{100 * v['forgetting']:7.2f}")
+    lines.append(f"{'mean':>6} {100 * s['acc']:7.2f} {100 * s['bwt']:+7.2f} {100 * s['fwt']:+7.2f} "
+                 f"{100 * s['forgetting']:7.2f}")
+    lines.append(f"{'std':>6} {100 * s['acc_std']:7.2f} {100 * s['bwt_std']:7.2f} {100 * s['fwt_std']:7.2f} "
+                 f"{100 * s['forgetting_std']:7.2f}")
+    lines.append(f"wall {s['wall_s']:.1f} s   train {s['train_s']:.1f} s")
+    return "\n".join(lines)
+
+
 def compare_table(runs: Sequence[tuple[str, dict]]) -> str:
     """One row per run: where, benchmark, method, scenario, ACC, BWT, FWT, forgetting, time."""
     cols = ("run", "benchmark", "method", "scenario", "tasks", "ACC%", "BWT", "FWT", "forget", "wall_s")
     rows = []
     for where, r in runs:
+        pm = (lambda k, f: f"{100 * r[k]:{f}} +- {100 * r[k + '_std']:.2f}") if "seeds" in r else \
+            (lambda k, f: f"{100 * r[k]:{f}}")
         rows.append((str(where), r["benchmark"], r["method"], r["scenario"], str(r["num_tasks"]),
-                     f"{100 * r['acc']:.2f}", f"{100 * r['bwt']:+.2f}", f"{100 * r['fwt']:+.2f}",
-                     f"{100 * r['forgetting']:.2f}", f"{r['wall_s']:.0f}"))
+                     pm("acc", ".2f"), pm("bwt", "+.2f"), pm("fwt", "+.2f"), pm("forgetting", ".2f"),
+                     f"{r['wall_s']:.0f}"))
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)] if rows else [len(c) for c in cols]
     fmt = "  ".join(f"{{:<{w}}}" if i < 5 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*cols)] + [fmt.format(*row) for row in rows])

@@ -30,6 +30,11 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(AXIS))
 
 
+def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+    """Arrays whose axis ``batch_axis`` is the batch (after run and step axes)."""
+    return NamedSharding(mesh, P(*([None] * batch_axis), AXIS))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -1,22 +1,34 @@
-"""The continual-learning loop: one jitted train step for every task.
+"""The continual-learning loop: one compiled call of K train steps for every task.
 
-Sections: set-up (stream, model, method, mesh, optimizer), compiled functions, state
-(fresh or restored), evaluation, the task loop, results. For each task:
+Sections: compiled functions, set-up (streams, model, method, mesh, feed), state (fresh
+or restored), evaluation, one task, results, and :func:`run` tying them together.
+For each task:
 
-    begin_task -> epochs of the train step (task id traced: no recompilation when the
-    task changes) -> consolidation pass (if the method has one) -> after_phase
-    (per phase) -> evaluate every task, seen and unseen -> one row of the accuracy
-    matrix -> checkpoint -> log
+    begin_task -> epochs of compiled calls, each a lax.scan of K train steps (task id
+    traced: no recompilation when the task changes) -> consolidation pass (if the
+    method has one) -> after_phase (per phase) -> evaluate every task, seen and unseen
+    -> one row of the accuracy matrix -> checkpoint -> log
 
-A non-finite loss stops the run with :class:`NonFiniteLossError` naming the task and
-step; the checkpoints written before it are kept, so nothing is lost.
+Data: the stream sits in device memory when it fits (``data.on_device``) and every
+batch is gathered, normalised and augmented there; otherwise batches are made on the
+host. Both paths draw the same samples in the same order (see :mod:`jaxcl.data.feed`).
+
+Seeds: ``config.seeds`` (``jaxcl run --seeds 0 1 2``) trains every seed in one program:
+the State gets a leading run axis and every compiled function is ``vmap``-ed over it.
+Each seed writes ``seed_<k>/`` with a single run's files; ``summary.json`` holds the
+mean and standard deviation over seeds.
+
+A non-finite loss stops the run with :class:`NonFiniteLossError` naming the seed, task,
+phase, epoch and step; the checkpoints written before it are kept, so nothing is lost.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import dataclasses
+import functools
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,11 +41,13 @@ from tqdm.auto import tqdm
 from jaxcl import checkpoint as ckpt_lib
 from jaxcl import config as config_lib
 from jaxcl import data, logs, methods, metrics, models, optim, report, sharding
+from jaxcl.data import feed as feed_lib
 from jaxcl.methods.base import State
 
 # How many times each compiled function was traced (a new trace means a recompile);
 # read by the tests that check that changing task does not recompile.
 TRACES: collections.Counter = collections.Counter()
+AUTO_STEPS_PER_CALL = 64  # the most steps one call runs when loop.steps_per_call=auto
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,7 +60,7 @@ class RunError(RuntimeError):
 
 @dataclasses.dataclass
 class Position:
-    """Where the stream is: the next batch to train on."""
+    """Where the stream is: the next batch (slot) to train on."""
 
     task: int = 0
     phase: int = 0
@@ -54,7 +68,7 @@ class Position:
     batch: int = 0
 
 
-# ----------------------------------------------------------------------------- compiled steps
+# ----------------------------------------------------------------------------- compiled functions
 
 
 def make_train_step(method: methods.Method, tx, augment: bool) -> Callable:
@@ -91,11 +105,38 @@ def make_train_step(method: methods.Method, tx, augment: bool) -> Callable:
     return train_step
 
 
-def make_eval_step(method: methods.Method) -> Callable:
-    """``(state, batch, task) -> number of correct predictions`` (padding excluded)."""
+def _batch(resident: bool, src, item) -> dict:
+    """The batch an item stands for: gathered from the resident stream, or the item."""
+    return feed_lib.gather(src, item["idx"], item["valid"]) if resident else item
 
-    def eval_step(state: State, batch: dict, task: jax.Array):
+
+def make_train_chunk(method: methods.Method, tx, augment: bool, resident: bool) -> Callable:
+    """``(state, src, xs, task, phase) -> (state, metrics [K])``: ``lax.scan`` of the
+    train step over the K items of ``xs``; a step whose ``xs["active"]`` is False
+    leaves the state as it is (the padding of a chunk shorter than K)."""
+    step = make_train_step(method, tx, augment)
+
+    def train_chunk(state: State, src, xs: dict, task: jax.Array, phase: str):
+        TRACES["train_chunk"] += 1
+        first = jax.tree_util.tree_map(lambda a: a[0], xs["item"])
+        shapes = jax.eval_shape(lambda s, b: step(s, b, task, phase)[1], state, _batch(resident, src, first))
+        idle = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def body(state, x):
+            batch = _batch(resident, src, x["item"])
+            return jax.lax.cond(x["active"], lambda s: step(s, batch, task, phase), lambda s: (s, idle), state)
+
+        return jax.lax.scan(body, state, xs)
+
+    return train_chunk
+
+
+def make_eval_step(method: methods.Method, resident: bool = False) -> Callable:
+    """``(state, src, item, task) -> number of correct predictions`` (padding excluded)."""
+
+    def eval_step(state: State, src, item: dict, task: jax.Array):
         TRACES["eval_step"] += 1
+        batch = _batch(resident, src, item)
         logits = method.predict(state, batch["x"], task)
         hit = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
         return jnp.sum(hit * batch["mask"])
@@ -103,23 +144,429 @@ def make_eval_step(method: methods.Method) -> Callable:
     return eval_step
 
 
+def make_consolidate(method: methods.Method, resident: bool) -> Callable:
+    def consolidate(state: State, src, item: dict, task: jax.Array, phase: str):
+        return method.consolidate(state, _batch(resident, src, item), task, phase)
+
+    return consolidate
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs that is not state: built once from the config."""
+
+    config: object
+    seeds: tuple  # one run per seed, trained together
+    multi: bool  # seeds were asked for: per-seed folders and a summary
+    streams: list  # the distinct streams
+    run_stream: list  # run r trains on streams[run_stream[r]]
+    info: object
+    model: object
+    method: methods.Method
+    mesh: object
+    tx: object
+    feed: feed_lib.Feed
+    steps_per_call: int
+    src: dict  # resident splits on the device (empty on the host path)
+    fns: dict  # compiled functions, per phase where the phase is static
+
+    @property
+    def R(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.streams[0])
+
+    def lift(self, fn, in_axes):
+        """``fn`` as it is for one run, ``vmap``-ed over the leading run axis for several."""
+        return fn if self.R == 1 else jax.vmap(fn, in_axes=in_axes)
+
+    def pool_tasks(self, t: int):
+        return range(t + 1) if self.method.data == "cumulative" else t
+
+
+def _streams(config, seeds: tuple) -> tuple[list, list]:
+    """(distinct streams, index of each run's stream). A stream whose content does not
+    depend on the seed is built once and shared by every run."""
+    depends = (config.data.stream == "permuted" or config.data.shuffle_classes
+               or config.data.train_limit or config.data.test_limit)
+    if len(seeds) == 1 or not depends:
+        return [data.build(_with_seed(config, seeds[0]))], [0] * len(seeds)
+    streams = [data.build(_with_seed(config, s)) for s in seeds]
+    infos = {s.info for s in streams}
+    if len(infos) > 1:
+        raise data.DataError("seeds: the stream's shape differs between seeds (tasks, classes or input shape); "
+                             "train these seeds in separate runs")
+    return streams, list(range(len(seeds)))
+
+
+def _with_seed(config, seed: int):
+    return config_lib.override(config, [f"seed={seed}"]) if config.seed != seed else config
+
+
+def setup(config) -> Setup:
+    seeds = config_lib.run_seeds(config)
+    streams, run_stream = _streams(config, seeds)
+    info = streams[0].info
+    model = models.build(config.model, info)
+    method = methods.build(config, model, info)
+    mesh = sharding.make_mesh(config.mesh.data)
+    sharding.check_batch(config.batch_size, mesh, "batch_size")
+    sharding.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
+    smallest = min(len(t.x_train) for s in streams for t in s.tasks)
+    if smallest < config.batch_size:
+        raise data.DataError(f"batch_size={config.batch_size} is larger than the smallest task's "
+                             f"{smallest} training samples; lower batch_size")
+    resident = feed_lib.choose_resident(str(config.data.on_device).lower(), streams)
+    feed = feed_lib.Feed(streams, run_stream, normalize=config.data.normalize, resident=resident)
+    S = Setup(config, seeds, bool(config.seeds), streams, run_stream, info, model, method, mesh,
+              optim.make(config.optimizer), feed, 1, {}, {})
+    k = config_lib.steps_per_call(config)
+    if k is None:  # auto: up to AUTO_STEPS_PER_CALL, never more than the shortest task's epoch
+        fewest = min(feed.size(r, "train", S.pool_tasks(t)) // config.batch_size
+                     for r in range(S.R) for t in range(S.num_tasks))
+        k = max(1, min(AUTO_STEPS_PER_CALL, fewest))
+    S.steps_per_call = k
+    S.src = {split: jax.device_put(feed.src(split), sharding.replicated(mesh)) for split in ("train", "test")
+             if feed.src(split) is not None}
+    _compile(S)
+    return S
+
+
+def _compile(S: Setup) -> None:
+    """The jitted functions; those with a static phase are made per phase on first use."""
+    rep = sharding.replicated(S.mesh)
+    m, res = S.method, S.feed.resident
+    ia = 0 if S.feed.per_run else None  # evaluation/consolidation items: per run or shared
+    sa = ia if res else None  # resident arrays: per run when the streams differ
+    chunk = make_train_chunk(m, S.tx, S.config.data.augment, res)
+    evals = make_eval_step(m, res)
+    S.fns["train"] = lambda phase: jax.jit(S.lift(functools.partial(chunk, phase=phase), (0, sa, 0, None)),
+                                           donate_argnums=0, out_shardings=rep)
+    S.fns["eval"] = jax.jit(S.lift(evals, (0, sa, ia, None)), out_shardings=rep)
+    S.fns["begin_task"] = jax.jit(S.lift(m.begin_task, (0, None)), donate_argnums=0, out_shardings=rep)
+    S.fns["after_phase"] = lambda phase: jax.jit(
+        S.lift(functools.partial(m.after_phase, phase=phase), (0, None)), donate_argnums=0, out_shardings=rep)
+    if m.consolidate is not None:
+        cons = make_consolidate(m, res)
+        S.fns["consolidate"] = lambda phase: jax.jit(
+            S.lift(functools.partial(cons, phase=phase), (0, sa, ia, None)), donate_argnums=0, out_shardings=rep)
+    S.fns["reset_opt"] = jax.jit(S.lift(S.tx.init, 0), out_shardings=rep)
+    S.fns = {k: (functools.lru_cache(None)(f) if k in ("train", "after_phase", "consolidate") else f)
+             for k, f in S.fns.items()}
+
+
+def _items(S: Setup, tree, batch_axis: int):
+    """Host items -> device arrays, split along ``data`` on their batch axis (leaves
+    without one, such as a chunk's ``active`` flags, are replicated)."""
+    split, rep = sharding.batch_sharding(S.mesh, batch_axis), sharding.replicated(S.mesh)
+    return jax.device_put(tree, jax.tree_util.tree_map(lambda a: split if np.ndim(a) > batch_axis else rep, tree))
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def _init_fn(S: Setup):
+    sample = next(data.batches(data.pool(S.streams[0], 0, normalize=S.config.data.normalize), S.config.batch_size))
+
+    def init(rng):
+        state = S.method.init(rng, sample["x"])
+        return state.replace(opt_state=S.tx.init(state.params))
+
+    return jax.jit(S.lift(init, 0), out_shardings=sharding.replicated(S.mesh))
+
+
+def _keys(S: Setup) -> jax.Array:
+    keys = [jax.random.PRNGKey(s) for s in S.seeds]
+    return keys[0] if S.R == 1 else jnp.stack(keys)
+
+
+def _run_slice(S: Setup, tree, r: int):
+    return tree if S.R == 1 else jax.tree_util.tree_map(lambda a: a[r], tree)
+
+
+def _load_pretrained(S: Setup, state: State, path: str, echo) -> State:
+    """Initialise the trunk (every parameter but the heads, and the batch statistics)
+    from the newest checkpoint of the jaxcl run in ``path``; every run alike."""
+    src = ckpt_lib.load_state(path)
+    runs = []
+    for r in range(S.R):
+        one = jax.device_get(_run_slice(S, state, r))
+        params, n_params = ckpt_lib.graft(one.params, src.get("params", {}))
+        model_state, n_stats = ckpt_lib.graft(one.model_state, src.get("model_state", {}))
+        if n_params == 0:
+            raise ckpt_lib.CheckpointError(f"model.pretrained={path}: no parameter of this model found in it")
+        runs.append(one.replace(params=params, model_state=model_state))
+    echo(f"initialised {n_params} parameter arrays and {n_stats} statistics arrays from {path}")
+    state = runs[0] if S.R == 1 else jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *runs)
+    return jax.device_put(state, sharding.replicated(S.mesh))
+
+
+def _fresh_record(S: Setup) -> dict:
+    return {"runs": [{"accuracy_matrix": [], "initial_accuracy": None} for _ in range(S.R)],
+            "wall_s": 0.0, "train_s": 0.0, "saves": 0, "slots": 0, "task_start_step": [0] * S.R}
+
+
+def _restore_or_init(S: Setup, ckpt, resume: bool, workdir: Path, echo):
+    init_fn, keys = _init_fn(S), _keys(S)
+    if ckpt.latest() is not None:
+        if not resume:
+            raise RunError(f"{workdir} already holds checkpoints; pass --resume to continue that run "
+                           "or choose another --workdir")
+        rep = sharding.replicated(S.mesh)
+        abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+                                          jax.eval_shape(init_fn, keys))
+        state, meta = ckpt.restore(abstract, config_lib.fingerprint(S.config))
+        pos, record = Position(**meta["position"]), meta["record"]
+        echo(f"resuming from {ckpt.directory / str(ckpt.latest())}: task {pos.task}, phase {pos.phase}, "
+             f"epoch {pos.epoch}, batch {pos.batch}")
+        return state, pos, record
+    if resume:
+        echo(f"no checkpoint in {workdir}; starting from the beginning")
+    state = init_fn(keys)
+    if S.config.model.pretrained:
+        state = _load_pretrained(S, state, S.config.model.pretrained, echo)
+    return state, Position(), _fresh_record(S)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(S: Setup, state) -> list[list[float]]:
+    """Accuracy of every run on every task's test set: ``[run][task]``."""
+    B = S.config.eval_batch_size
+    axis = 1 if S.feed.per_run else 0
+    out = np.zeros((S.R, S.num_tasks))
+    for j in range(S.num_tasks):
+        hits = [S.fns["eval"](state, S.src.get("test"), _items(S, item, axis), jnp.int32(j))
+                for item in S.feed.pass_items("test", j, B)]
+        total = np.sum(np.reshape(jax.device_get(hits), (len(hits), -1)), axis=0)  # [R] or [1]
+        out[:, j] = total / np.asarray([S.feed.size(r, "test", j) for r in range(S.R)])
+    return out.tolist()
+
+
+# ----------------------------------------------------------------------------- one task
+
+
+class _Logger:
+    """Per-run windows of per-step metrics, flushed every ``log.every_steps`` steps and
+    at the end of each epoch, exactly as a loop of single steps would."""
+
+    def __init__(self, S: Setup, writers, every: int):
+        self.S, self.writers, self.every = S, writers, every
+        self.window = [[] for _ in range(S.R)]
+
+    def add(self, r: int, rows: list[dict]) -> None:
+        self.window[r].extend(rows)
+
+    def flush(self, r: int, step: int, end_of_epoch: bool, **where) -> dict | None:
+        w = self.window[r]
+        if not w or (len(w) < self.every and not end_of_epoch):
+            return None
+        take, self.window[r] = (w, []) if end_of_epoch and len(w) <= self.every else (w[:self.every], w[self.every:])
+        means = {k: float(np.mean([x[k] for x in take])) for k in take[0]}
+        self.writers[r].write("train", step - len(self.window[r]), **where, **means)
+        return means
+
+
+def _seed_words(S: Setup, r: int) -> str:
+    return f"seed {S.seeds[r]}, " if S.multi else ""
+
+
+def train_task(S: Setup, state, t: int, pos: Position, record: dict, hooks) -> State:
+    """Train task ``t`` from ``pos`` (its start, or where a resumed run stopped): its
+    phases, their consolidation passes and ``after_phase``."""
+    cfg, m = S.config, S.method
+    B, K = cfg.batch_size, S.steps_per_call
+    task_id = jnp.int32(t)
+    if pos == Position(t, 0, 0, 0):
+        shapes = jax.tree_util.tree_map(jnp.shape, state)
+        state = S.fns["begin_task"](state, task_id)
+        if jax.tree_util.tree_map(jnp.shape, state) != shapes:
+            raise RuntimeError(f"method {m.name}: begin_task changed the shapes of the State; "
+                               "init must allocate every array at its final shape")
+        if cfg.optimizer.reset_per_task and t > 0:
+            state = state.replace(opt_state=S.fns["reset_opt"](state.params))
+        record["task_start_step"] = np.atleast_1d(jax.device_get(state.step)).tolist()
+    tasks = S.pool_tasks(t)
+    sizes = [S.feed.size(r, "train", tasks) for r in range(S.R)]
+    slots_per_epoch = max(n // B for n in sizes)
+    phases = m.phases(t)
+    steps = np.atleast_1d(jax.device_get(state.step)).astype(int)  # host copy: no sync per step
+    every_ckpt = cfg.checkpoint.every_steps
+    for p in range(pos.phase if pos.task == t else 0, len(phases)):
+        phase = phases[p]
+        resumed_here = (pos.task, pos.phase) == (t, p)
+        if p > 0 and not resumed_here and cfg.optimizer.reset_per_task:
+            state = state.replace(opt_state=S.fns["reset_opt"](state.params))  # fresh optimizer per phase
+        first_epoch = pos.epoch if resumed_here else 0
+        train_chunk = S.fns["train"](phase.name)
+        bar = tqdm(total=(phase.epochs - first_epoch) * slots_per_epoch,
+                   desc=f"task {t + 1}/{S.num_tasks} {phase.name}", unit="step", leave=False, dynamic_ncols=True,
+                   disable=None if cfg.log.progress else True)  # None: only on a terminal
+        hooks.clock_start()
+        for e in range(first_epoch, phase.epochs):
+            if hasattr(state.opt_state, "hyperparams"):
+                lr = optim.lr_at(cfg.optimizer, e, phase.epochs, phase)
+                state = state.replace(opt_state=jax.device_put(optim.with_lr(state.opt_state, lr),
+                                                               sharding.replicated(S.mesh)))
+            orders = [data.epoch_order(n, S.seeds[r], t, p, e) for r, n in enumerate(sizes)]
+            n_batches = [n // B for n in sizes]
+            s = pos.batch if pos == Position(t, p, e, pos.batch) else 0
+            while s < slots_per_epoch:
+                end = min(s + K, slots_per_epoch)
+                if every_ckpt:  # a chunk ends where a checkpoint is due
+                    end = min(end, (record["slots"] // every_ckpt + 1) * every_ckpt - record["slots"] + s)
+                xs = S.feed.train_items(tasks, orders, range(s, end), B, K)
+                state, out = train_chunk(state, S.src.get("train"), _items(S, xs, 2 if S.R > 1 else 1), task_id)
+                out = jax.device_get(out)
+                for r in range(S.R):
+                    ran = [k for k in range(end - s) if s + k < n_batches[r]]
+                    rows = [{k: float(np.reshape(v, (S.R, K) if S.R > 1 else (K,))[(r, i) if S.R > 1 else i])
+                             for k, v in out.items()} for i in ran]
+                    bad = [i for i, row in zip(ran, rows) if not np.isfinite(row["loss"])]
+                    if bad:
+                        hooks.nan(r, t, phase.name, e, steps[r] + ran.index(bad[0]), record)
+                    steps[r] += len(rows)
+                    hooks.logger.add(r, rows)
+                    last = end >= min(n_batches[r], slots_per_epoch)
+                    while True:
+                        means = hooks.logger.flush(r, int(steps[r]), last and end > s and s < n_batches[r],
+                                                   task=t, phase=phase.name, epoch=e)
+                        if means is None:
+                            break
+                        if r == 0:
+                            bar.set_postfix(loss=f"{means['loss']:.4f}", epoch=e + 1)
+                bar.update(end - s)
+                record["slots"] += end - s
+                s = end
+                if every_ckpt and record["slots"] % every_ckpt == 0:
+                    hooks.save(state, Position(t, p, e, s))
+        bar.close()
+        jax.block_until_ready(state)
+        hooks.clock_bank()
+        if "consolidate" in S.fns:
+            consolidate = S.fns["consolidate"](phase.name)
+            axis = 1 if S.feed.per_run else 0
+            for item in S.feed.pass_items("train", t, B):
+                state = consolidate(state, S.src.get("train"), _items(S, item, axis), task_id)
+        state = S.fns["after_phase"](phase.name)(state, task_id)
+    return state
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def run_results(S: Setup, state, r: int, run_record: dict, record: dict) -> dict:
+    """The results of run ``r`` (``results.json``): a single run's contract."""
+    cfg = S.config
+    stream = S.streams[S.run_stream[r]]
+    one = jax.device_get(_run_slice(S, state, r))
+    R = run_record["accuracy_matrix"]
+    steps = int(one.step)
+    return {
+        "method": cfg.method.name,
+        "benchmark": cfg.benchmark,
+        "scenario": cfg.scenario,
+        "seed": S.seeds[r],
+        "num_tasks": S.num_tasks,
+        "model": cfg.model.name,
+        "stream": {"name": stream.name, "tasks": [t.name for t in stream.tasks],
+                   "train_sizes": [len(t.x_train) for t in stream.tasks],
+                   "test_sizes": [len(t.x_test) for t in stream.tasks]},
+        "accuracy_matrix": R,
+        "initial_accuracy": run_record["initial_accuracy"],
+        **metrics.summary(R, run_record["initial_accuracy"]),
+        "params": metrics.param_counts(one.params, S.num_tasks, S.info.num_heads),
+        "method_report": jax.tree_util.tree_map(
+            lambda v: v.tolist() if hasattr(v, "tolist") else v,
+            jax.device_get(S.method.report(one))) if S.method.report else {},
+        "wall_s": record["wall_s"],
+        "train_s": record["train_s"],
+        "train_steps": steps,
+        "steps_per_s": metrics.steps_per_second(steps, record["train_s"]),  # this run's; all runs: x runs_in_program
+        "runs_in_program": S.R,
+        "data_path": "device" if S.feed.resident else "host",
+        "steps_per_call": S.steps_per_call,
+        "devices": {"count": int(S.mesh.devices.size), "platform": jax.devices()[0].platform,
+                    "kind": jax.devices()[0].device_kind},
+        "versions": {"jax": jax.__version__, "python": platform.python_version()},
+        "config": (_with_seed(cfg, S.seeds[r]) if S.multi else cfg).to_dict(),
+    }
+
+
+def summary(runs: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of ACC, BWT, FWT and forgetting, and the
+    mean accuracy matrix (``summary.json``)."""
+    R = np.asarray([x["accuracy_matrix"] for x in runs])
+    first = runs[0]
+    out = {k: first[k] for k in ("method", "benchmark", "scenario", "num_tasks", "model", "data_path",
+                                 "steps_per_call", "runs_in_program", "wall_s", "train_s", "config")}
+    out["seeds"] = [x["seed"] for x in runs]
+    out["accuracy_matrix"] = R.mean(0).tolist()
+    out["accuracy_matrix_std"] = R.std(0).tolist()
+    for k in ("acc", "bwt", "fwt", "forgetting"):
+        v = np.asarray([x[k] for x in runs])
+        out[k], out[f"{k}_std"] = float(v.mean()), float(v.std())
+    out["per_seed"] = {str(x["seed"]): {k: x[k] for k in ("acc", "bwt", "fwt", "forgetting")} for x in runs}
+    return out
+
+
 # ----------------------------------------------------------------------------- the run
 
 
-def _load_pretrained(state: State, path: str, sharding_, echo) -> State:
-    """Initialise the trunk (every parameter but the heads, and the batch statistics)
-    from the newest checkpoint of the jaxcl run in ``path``."""
-    src = ckpt_lib.load_state(path)
-    params, n_params = ckpt_lib.graft(state.params, src.get("params", {}))
-    model_state, n_stats = ckpt_lib.graft(state.model_state, src.get("model_state", {}))
-    if n_params == 0:
-        raise ckpt_lib.CheckpointError(f"model.pretrained={path}: no parameter of this model found in it")
-    echo(f"initialised {n_params} parameter arrays and {n_stats} statistics arrays from {path}")
-    return jax.device_put(state.replace(params=params, model_state=model_state), sharding_)
+class _Hooks:
+    """The loop's side effects: time keeping, checkpoints, the NaN stop, logs."""
+
+    def __init__(self, S: Setup, ckpt, record: dict, t_start: float, wall_before: float, writers):
+        self.S, self.ckpt, self.record = S, ckpt, record
+        self.t_start, self.wall_before = t_start, wall_before
+        self.phase_clock = None
+        self.logger = _Logger(S, writers, max(S.config.log.every_steps, 1))
+
+    def clock_start(self) -> None:
+        self.phase_clock = time.perf_counter()
+
+    def clock_bank(self) -> None:
+        if self.phase_clock is not None:
+            now = time.perf_counter()
+            self.record["train_s"] += now - self.phase_clock
+            self.phase_clock = None
+
+    def nan(self, r: int, t: int, phase: str, epoch: int, step: int, record: dict) -> None:
+        start = record["task_start_step"][r]
+        latest = self.ckpt.latest()
+        saved = (f"the newest checkpoint ({self.ckpt.directory / str(latest)}) holds the state from before it"
+                 if latest is not None else "no checkpoint had been written yet, so a resume starts from the "
+                 "beginning")
+        raise NonFiniteLossError(
+            f"the loss is not finite (NaN or inf) at {_seed_words(self.S, r)}task {t}, phase {phase!r}, epoch {epoch}: "
+            f"global step {step} (step {step - start} of the task); {saved}. Lower optimizer.lr or check the data")
+
+    def save(self, state, at: Position) -> None:
+        bad = np.atleast_1d(jax.device_get(state.bad_step))
+        if (bad >= 0).any():  # never checkpoint a state that has seen a NaN
+            r = int(np.argmax(bad >= 0))
+            self.nan(r, at.task, "?", at.epoch, int(bad[r]), self.record)
+        if self.phase_clock is not None:
+            self.clock_bank()
+            self.clock_start()
+        self.record["wall_s"] = self.wall_before + time.perf_counter() - self.t_start
+        index = self.record["saves"]
+        self.record["saves"] += 1  # the number the next save (after a resume too) will take
+        meta = {"config": config_lib.fingerprint(self.S.config), "position": dataclasses.asdict(at),
+                "record": self.record}
+        self.ckpt.save(index, state, meta)
 
 
 def run(config, workdir: str | Path, *, resume: bool = False, echo: Callable[[str], None] = print) -> dict:
-    """Run ``config`` in ``workdir`` and return the results dict (also ``results.json``).
+    """Run ``config`` in ``workdir`` and return the results dict (also ``results.json``);
+    with several seeds, the summary over them (``summary.json``, each seed's results
+    under ``"runs"``).
 
     With ``resume``, continue from the newest checkpoint in ``workdir``; the continued
     run ends with the same results as one never interrupted.
@@ -127,210 +574,71 @@ def run(config, workdir: str | Path, *, resume: bool = False, echo: Callable[[st
     t_start = time.perf_counter()
     config_lib.validate(config)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    created = not workdir.exists()
+    try:
+        with contextlib.ExitStack() as cleanup:  # checkpointer and writers are closed on any exit
+            S = setup(config)
+            workdir.mkdir(parents=True, exist_ok=True)
+            ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
+            cleanup.callback(ckpt.close)
+            state, pos, record = _restore_or_init(S, ckpt, resume, workdir, echo)
+            run_dirs = [workdir / f"seed_{s}" for s in S.seeds] if S.multi else [workdir]
+            writers = [logs.Writer(d, tensorboard=config.log.tensorboard) for d in run_dirs]
+            for w in writers:
+                cleanup.callback(w.close)
+            hooks = _Hooks(S, ckpt, record, t_start, record["wall_s"], writers)
 
-    with contextlib.ExitStack() as cleanup:  # checkpointer and writer are closed on any exit
-        # -- set-up
-        stream = data.build(config)
-        info = stream.info
-        model = models.build(config.model, info)
-        method = methods.build(config, model, info)
-        mesh = sharding.make_mesh(config.mesh.data)
-        sharding.check_batch(config.batch_size, mesh, "batch_size")
-        sharding.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
-        replicated = sharding.replicated(mesh)
-        tx = optim.make(config.optimizer)
-        num_tasks = len(stream)
-        smallest = min(len(t.x_train) for t in stream.tasks)
-        if smallest < config.batch_size:
-            raise data.DataError(f"batch_size={config.batch_size} is larger than the smallest task's "
-                                 f"{smallest} training samples; lower batch_size")
+            if record["runs"][0]["initial_accuracy"] is None:
+                for rr, acc in zip(record["runs"], evaluate(S, state)):
+                    rr["initial_accuracy"] = acc
+            for t in range(pos.task, S.num_tasks):
+                state = train_task(S, state, t, pos, record, hooks)
+                rows = evaluate(S, state)
+                step = np.atleast_1d(jax.device_get(state.step))
+                for r, row in enumerate(rows):
+                    record["runs"][r]["accuracy_matrix"].append(row)
+                    writers[r].write("eval", int(step[r]), task=t, accuracy=row, mean_seen=float(np.mean(row[: t + 1])))
+                seen = np.mean([np.mean(row[: t + 1]) for row in rows])
+                echo(f"after task {t + 1}/{S.num_tasks}: accuracy on seen tasks {100 * seen:.2f}%"
+                     + (f" (mean of {S.R} seeds)" if S.multi else
+                        f"  [{' '.join(f'{100 * a:.1f}' for a in rows[0])}]"))
+                pos = Position(t + 1, 0, 0, 0)
+                hooks.save(state, pos)
+            record["wall_s"] = hooks.wall_before + time.perf_counter() - t_start
+            return _write_results(S, state, record, workdir, run_dirs, writers)
+    except BaseException as e:
+        _after_failure(workdir, created, e)
+        raise
 
-        # -- compiled functions (one each; the task id is an argument, never a constant)
-        train_step = jax.jit(make_train_step(method, tx, config.data.augment), donate_argnums=0, static_argnums=3,
-                             out_shardings=replicated)
-        eval_step = jax.jit(make_eval_step(method), out_shardings=replicated)
-        begin_task = jax.jit(method.begin_task, donate_argnums=0, out_shardings=replicated)
-        after_phase = jax.jit(method.after_phase, donate_argnums=0, static_argnums=2, out_shardings=replicated)
-        consolidate = (jax.jit(method.consolidate, donate_argnums=0, static_argnums=3, out_shardings=replicated)
-                       if method.consolidate is not None else None)
-        reset_opt = jax.jit(tx.init, out_shardings=replicated)
 
-        sample = next(data.batches(data.pool(stream, 0, normalize=config.data.normalize), config.batch_size))
+def _after_failure(workdir: Path, created: bool, e: BaseException) -> None:
+    """A run that dies before its first checkpoint leaves no empty workdir behind: one it
+    created and holds nothing is removed; one with logs says why it stopped."""
+    if not created or not workdir.exists() or any((workdir / "checkpoints").glob("*")):
+        return
+    if not any(f.is_file() and f.stat().st_size for f in workdir.rglob("*")):
+        shutil.rmtree(workdir, ignore_errors=True)
+        return
+    (workdir / "FAILED.txt").write_text(f"this run stopped before its first checkpoint:\n{type(e).__name__}: {e}\n")
 
-        def init(rng):
-            state = method.init(rng, sample["x"])
-            return state.replace(opt_state=tx.init(state.params))
 
-        init_fn = jax.jit(init, out_shardings=replicated)
-        key = jax.random.PRNGKey(config.seed)
-
-        # -- state: fresh or restored
-        ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
-        cleanup.callback(ckpt.close)
-        fingerprint = config_lib.fingerprint(config)
-        if ckpt.latest() is not None:
-            if not resume:
-                raise RunError(f"{workdir} already holds checkpoints; pass --resume to continue that run "
-                               "or choose another --workdir")
-            abstract = jax.tree_util.tree_map(
-                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), jax.eval_shape(init_fn, key))
-            state, meta = ckpt.restore(abstract, fingerprint)
-            pos, record = Position(**meta["position"]), meta["record"]
-            echo(f"resuming from {ckpt.directory / str(ckpt.latest())}: task {pos.task}, phase {pos.phase}, "
-                 f"epoch {pos.epoch}, batch {pos.batch}")
-        else:
-            if resume:
-                echo(f"no checkpoint in {workdir}; starting from the beginning")
-            state = init_fn(key)
-            if config.model.pretrained:
-                state = _load_pretrained(state, config.model.pretrained, replicated, echo)
-            pos = Position()
-            record = {"accuracy_matrix": [], "initial_accuracy": None, "wall_s": 0.0, "train_s": 0.0,
-                      "saves": 0, "task_start_step": 0}
-        wall_before = record["wall_s"]
-        writer = logs.Writer(workdir, tensorboard=config.log.tensorboard)
-        cleanup.callback(writer.close)
-
-        def check(state, at: Position, phase_name: str) -> None:
-            bad = int(jax.device_get(state.bad_step))
-            if bad >= 0:
-                raise NonFiniteLossError(
-                    f"the loss is not finite (NaN or inf) at task {at.task}, phase {phase_name!r}, epoch {at.epoch}: "
-                    f"global step {bad} (step {bad - record['task_start_step']} of the task). The checkpoints in "
-                    f"{ckpt.directory} hold the state from before it; lower optimizer.lr or check the data, then "
-                    "resume with --resume")
-
-        clock = {"phase": None}  # start of the training time not yet added to record["train_s"]
-
-        def bank_train_time() -> None:
-            if clock["phase"] is not None:
-                now = time.perf_counter()
-                record["train_s"] += now - clock["phase"]
-                clock["phase"] = now
-
-        def save(state, at: Position, phase_name: str) -> None:
-            check(state, at, phase_name)  # never checkpoint a state that has seen a NaN
-            bank_train_time()
-            record["wall_s"] = wall_before + time.perf_counter() - t_start
-            index = record["saves"]
-            record["saves"] += 1  # the number the next save (after a resume too) will take
-            meta = {"config": fingerprint, "position": dataclasses.asdict(at), "record": record}
-            ckpt.save(index, state, meta)
-
-        test_pools = [data.pool(stream, j, "test", config.data.normalize) for j in range(num_tasks)]
-
-        def evaluate(state) -> list[float]:
-            accs = []
-            for j, p in enumerate(test_pools):
-                tid = jnp.int32(j)
-                hits = [eval_step(state, sharding.shard_batch(b, mesh), tid)
-                        for b in data.batches(p, config.eval_batch_size)]
-                accs.append(float(np.sum(jax.device_get(hits))) / len(p))
-            return accs
-
-        if record["initial_accuracy"] is None:
-            record["initial_accuracy"] = evaluate(state)
-
-        # -- the task loop
-        every_log = max(config.log.every_steps, 1)
-        every_ckpt = config.checkpoint.every_steps
-        step = int(jax.device_get(state.step))  # host copy of state.step: no sync per step
-        for t in range(pos.task, num_tasks):
-            task_id = jnp.int32(t)
-            if pos == Position(t, 0, 0, 0):
-                shapes = jax.tree_util.tree_map(jnp.shape, state)
-                state = begin_task(state, task_id)
-                if jax.tree_util.tree_map(jnp.shape, state) != shapes:
-                    raise RuntimeError(f"method {method.name}: begin_task changed the shapes of the State; "
-                                       "init must allocate every array at its final shape")
-                if config.optimizer.reset_per_task and t > 0:
-                    state = state.replace(opt_state=reset_opt(state.params))
-                record["task_start_step"] = step
-            train_pool = data.pool(stream, range(t + 1) if method.data == "cumulative" else t, "train",
-                                   config.data.normalize)
-            per_epoch = data.num_batches(len(train_pool), config.batch_size, drop_last=True)
-            phases = method.phases(t)
-            for p in range(pos.phase if pos.task == t else 0, len(phases)):
-                phase = phases[p]
-                phase_name, epochs = phase.name, phase.epochs
-                resumed_here = (pos.task, pos.phase) == (t, p)
-                if p > 0 and not resumed_here and config.optimizer.reset_per_task:
-                    state = state.replace(opt_state=reset_opt(state.params))  # fresh optimizer per phase
-                first_epoch = pos.epoch if resumed_here else 0
-                bar = tqdm(total=(epochs - first_epoch) * per_epoch, desc=f"task {t + 1}/{num_tasks} {phase_name}",
-                           unit="step", leave=False, dynamic_ncols=True,
-                           disable=None if config.log.progress else True)  # None: only on a terminal
-                clock["phase"] = time.perf_counter()
-                for e in range(first_epoch, epochs):
-                    if hasattr(state.opt_state, "hyperparams"):
-                        lr = optim.lr_at(config.optimizer, e, epochs, phase)
-                        state = state.replace(opt_state=jax.device_put(optim.with_lr(state.opt_state, lr), replicated))
-                    start = pos.batch if pos == Position(t, p, e, pos.batch) else 0
-                    order = data.epoch_order(len(train_pool), config.seed, t, p, e)
-                    window = []
-                    for b, batch in enumerate(data.batches(train_pool, config.batch_size, order, drop_last=True,
-                                                           start=start), start):
-                        state, m = train_step(state, sharding.shard_batch(batch, mesh), task_id, phase_name)
-                        step += 1
-                        window.append(m)
-                        if len(window) == every_log or b == per_epoch - 1:
-                            check(state, Position(t, p, e, b + 1), phase_name)
-                            means = {k: float(np.mean([w[k] for w in jax.device_get(window)])) for k in window[0]}
-                            writer.write("train", step, task=t, phase=phase_name, epoch=e, **means)
-                            bar.set_postfix(loss=f"{means['loss']:.4f}", epoch=e + 1)
-                            bar.update(len(window))
-                            window = []
-                        if every_ckpt and step % every_ckpt == 0:
-                            save(state, Position(t, p, e, b + 1), phase_name)
-                bar.close()
-                jax.block_until_ready(state)
-                bank_train_time()
-                clock["phase"] = None
-                if consolidate is not None:
-                    for batch in data.batches(data.pool(stream, t, "train", config.data.normalize), config.batch_size):
-                        state = consolidate(state, sharding.shard_batch(batch, mesh), task_id, phase_name)
-                state = after_phase(state, task_id, phase_name)
-            row = evaluate(state)
-            record["accuracy_matrix"].append(row)
-            seen = float(np.mean(row[: t + 1]))
-            writer.write("eval", step, task=t, accuracy=row, mean_seen=seen)
-            echo(f"after task {t + 1}/{num_tasks}: accuracy on seen tasks {100 * seen:.2f}%  "
-                 f"[{' '.join(f'{100 * a:.1f}' for a in row)}]")
-            pos = Position(t + 1, 0, 0, 0)
-            save(state, pos, "end of task")
-
-        # -- results
-        record["wall_s"] = wall_before + time.perf_counter() - t_start
-        R = record["accuracy_matrix"]
-        results = {
-            "method": config.method.name,
-            "benchmark": config.benchmark,
-            "scenario": config.scenario,
-            "num_tasks": num_tasks,
-            "model": config.model.name,
-            "stream": {"name": stream.name, "tasks": [t.name for t in stream.tasks],
-                       "train_sizes": [len(t.x_train) for t in stream.tasks],
-                       "test_sizes": [len(t.x_test) for t in stream.tasks]},
-            "accuracy_matrix": R,
-            "initial_accuracy": record["initial_accuracy"],
-            **metrics.summary(R, record["initial_accuracy"]),
-            "params": metrics.param_counts(state.params, num_tasks, info.num_heads),
-            "method_report": jax.tree_util.tree_map(
-                lambda v: v.tolist() if hasattr(v, "tolist") else v,
-                jax.device_get(method.report(state))) if method.report else {},
-            "wall_s": record["wall_s"],
-            "train_s": record["train_s"],
-            "train_steps": step,
-            "steps_per_s": metrics.steps_per_second(step, record["train_s"]),
-            "devices": {"count": int(mesh.devices.size), "platform": jax.devices()[0].platform,
-                        "kind": jax.devices()[0].device_kind},
-            "versions": {"jax": jax.__version__, "python": platform.python_version()},
-            "config": config.to_dict(),
-        }
-        report.save_results(workdir, results)
-        if config.log.plots:
-            report.plot(workdir, R, f"{config.benchmark} / {config.method.name} ({config.scenario}-incremental)")
-        writer.write("results", step, acc=results["acc"], bwt=results["bwt"],
-                     fwt=results["fwt"], forgetting=results["forgetting"])
-        return results
+def _write_results(S: Setup, state, record: dict, workdir: Path, run_dirs: list, writers) -> dict:
+    cfg = S.config
+    title = f"{cfg.benchmark} / {cfg.method.name} ({cfg.scenario}-incremental)"
+    runs = []
+    for r, d in enumerate(run_dirs):
+        res = run_results(S, state, r, record["runs"][r], record)
+        report.save_results(d, res)
+        if cfg.log.plots:
+            report.plot(d, res["accuracy_matrix"], title + (f" seed {S.seeds[r]}" if S.multi else ""))
+        writers[r].write("results", res["train_steps"], acc=res["acc"], bwt=res["bwt"], fwt=res["fwt"],
+                         forgetting=res["forgetting"])
+        runs.append(res)
+    if not S.multi:
+        return runs[0]
+    out = summary(runs)
+    report.save_results(workdir, out, name="summary.json")
+    if cfg.log.plots:
+        report.plot(workdir, out["accuracy_matrix"], f"{title}, mean of {S.R} seeds",
+                    band=[x["accuracy_matrix"] for x in runs])
+    return {**out, "runs": runs}

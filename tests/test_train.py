@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import chex
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -36,11 +37,18 @@ def test_end_to_end_writes_every_artifact(make_config, tmp_path):
     assert Checkpointer(tmp_path / "checkpoints").latest() is not None
 
 
-def test_changing_task_does_not_recompile(make_config, tmp_path):
+@pytest.mark.parametrize("on_device", ["true", "false"])
+def test_changing_task_does_not_recompile(make_config, tmp_path, monkeypatch, on_device):
+    # chex raises as soon as a wrapped function is traced a second time
+    chex.clear_trace_counter()
+    for name in ("make_train_chunk", "make_eval_step"):
+        made = getattr(train, name)
+        monkeypatch.setattr(train, name, lambda *a, made=made: chex.assert_max_traces(made(*a), n=1))
     train.TRACES.clear()
-    jaxcl.run(make_config("split_digits:method=ewc", epochs=1), tmp_path, echo=lambda s: None)
-    assert train.TRACES["train_step"] == 1, train.TRACES
-    assert train.TRACES["eval_step"] == 1, train.TRACES
+    r = jaxcl.run(make_config("split_digits:method=ewc", epochs=2, data__on_device=on_device,
+                              loop__steps_per_call=4), tmp_path, echo=lambda s: None)
+    assert r["data_path"] == ("device" if on_device == "true" else "host")
+    assert train.TRACES["train_chunk"] == 1 and train.TRACES["eval_step"] == 1, train.TRACES
 
 
 def test_finetune_forgets_in_class_incremental_while_joint_does_not(make_config, tmp_path):
@@ -82,7 +90,7 @@ def test_resume_after_a_crash_ends_with_the_same_results(make_config, tmp_path, 
         jaxcl.run(c, tmp_path / "cut", echo=lambda s: None)
     monkeypatch.setattr(Checkpointer, "save", real_save)
     meta = Checkpointer(tmp_path / "cut" / "checkpoints").read_meta()
-    assert meta["position"]["task"] < 3 and len(meta["record"]["accuracy_matrix"]) < 3  # really cut short
+    assert meta["position"]["task"] < 3 and len(meta["record"]["runs"][0]["accuracy_matrix"]) < 3  # really cut short
     with pytest.raises(train.RunError, match="already holds checkpoints; pass --resume"):
         jaxcl.run(c, tmp_path / "cut", echo=lambda s: None)
     messages = []
