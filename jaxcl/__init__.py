@@ -6,6 +6,7 @@
 'ewc'
 """
 from jaxcl import config, data, methods, metrics, models, report, sharding
+from jaxcl.api import Trainer, method, trainer
 from jaxcl.checkpoint import CheckpointError, Checkpointer
 from jaxcl.config import ConfigError, base_config
 from jaxcl.configs import get_config, list_benchmarks
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "Checkpointer", "ConfigError", "DataError", "Method", "NonFiniteLossError", "RunError",
-    "State", "base_config", "config", "data", "get_config", "list_benchmarks", "methods", "metrics", "models",
-    "report", "run", "sharding",
+    "State", "Trainer", "base_config", "config", "data", "get_config", "list_benchmarks", "method", "methods", "metrics", "models",
+    "report", "run", "sharding", "trainer",
 ]

@@ -239,3 +239,22 @@ def per_task(values, num_tasks: int, key: str, what: str = "values") -> tuple:
         return values * num_tasks
     need(len(values) == num_tasks, key, f"{len(values)} {what} for {num_tasks} tasks (give 1 or {num_tasks})")
     return values
+
+
+# ----------------------------------------------------------------------------- the model protocol
+
+
+HEADS_HOW = ("end the model in jaxcl.models.Heads(num_tasks, num_outputs, name='head') called with the task id, "
+             "or give each per-task parameter a leading axis of num_tasks under a module named 'head'")
+
+
+def check_task_heads(method: str, params: PyTree, num_tasks: int) -> None:
+    """Refuse a model without one head per task (a method that trains or keeps a head per
+    task would otherwise share, or freeze, the only head there is)."""
+    from jaxcl.models import layers
+
+    named = [(p, w) for p, w in jax.tree_util.tree_flatten_with_path(params)[0] if layers.is_per_task(p)]
+    wrong = [jax.tree_util.keystr(p) for p, w in named if tuple(w.shape[:1]) != (num_tasks,)]
+    if not named or wrong:
+        found = "no per-task head" if not named else f"{wrong[0]} without a leading axis of {num_tasks}"
+        raise ValueError(f"{method} keeps one head per task (scenario=task) and the model has {found}: {HEADS_HOW}")

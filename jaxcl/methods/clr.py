@@ -39,10 +39,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxcl.methods import base
+from jaxcl.methods import _intercept, base
 from jaxcl.models import layers
 
 VARIANTS = ("reduced", "full", "reduced_v2", "head")
@@ -84,6 +85,20 @@ class CLRConv(layers.Conv):
         return layers.depthwise(y, kernels[task].astype(y.dtype))
 
 
+def reprogramming_hook(num_tasks: int, variant: str):
+    """CLRConv's ``post`` for a plain ``flax.linen.Conv`` (through interception)."""
+
+    def hook(layer, x, y, task, call):
+        size = dw_size(variant, _intercept.kernel_size(layer)) if isinstance(layer, nn.Conv) else 0
+        if not size:
+            return y
+        kernels = layer.variable("clr", "kernel", identity_kernel, None, (num_tasks, size, size, 1, y.shape[-1])).value
+        task = jnp.zeros((), jnp.int32) if task is None else jnp.asarray(task, jnp.int32)
+        return layers.depthwise(y, kernels[task].astype(y.dtype))
+
+    return hook
+
+
 def _safe_norm(x):
     """||x||_2 with a zero (not NaN) gradient at x = 0, as the reference skips zero norms."""
     sq = jnp.sum(jnp.square(x))
@@ -102,16 +117,29 @@ def validate(config) -> None:
 def make(config, model, info) -> base.Method:
     validate(config)
     variant = config.method.variant
-    if not hasattr(model, "conv") or not hasattr(model, "norm"):
-        raise ValueError(f"CLR reprograms convolutions; model {config.model.name} has none")
     if info.num_heads != info.num_tasks:
         raise ValueError("CLR is task-incremental: it needs one head per task (scenario=task)")
     num_tasks, lam = info.num_tasks, config.method.l2
     task_bn = config.method.task_bn and variant != "head"
-    if variant != "head":
-        model = model.clone(conv=functools.partial(CLRConv, num_tasks=num_tasks, variant=variant))
-    if task_bn:
-        model = model.clone(norm=functools.partial(layers.TaskNorm, num_tasks))
+    plain = _intercept.is_plain(model, ("conv", "norm"))
+    shapes = _intercept.collections(model, jnp.zeros((1,) + tuple(info.input_shape)))
+    if plain:  # flax.linen Conv layers, reprogrammed through interception
+        if not any(p[-1].key == "kernel" and w.ndim == 4 for p, w in jax.tree_util.tree_flatten_with_path(shapes)[0]):
+            raise ValueError(f"CLR reprograms convolutions; model {config.model.name} has none")
+        if task_bn:
+            raise ValueError("CLR's per-task batch norm (method.task_bn=True) replaces the `norm` layers of a jaxcl "
+                             f"model; {config.model.name} has none: pass task_bn=False (its own batch norm, if any, "
+                             "then stays frozen in inference mode)")
+        if variant != "head":
+            model = _intercept.Intercepted(model, reprogramming_hook(num_tasks, variant))
+    elif not hasattr(model, "conv") or not hasattr(model, "norm"):
+        raise ValueError(f"CLR reprograms convolutions; model {config.model.name} has none")
+    else:
+        if variant != "head":
+            model = model.clone(conv=functools.partial(CLRConv, num_tasks=num_tasks, variant=variant))
+        if task_bn:
+            model = model.clone(norm=functools.partial(layers.TaskNorm, num_tasks))
+    base.check_task_heads("CLR", shapes["params"], num_tasks)  # only the heads, the kernels and batch norm train
 
     def per_task(path) -> bool:
         keys = [getattr(k, "key", None) for k in path]

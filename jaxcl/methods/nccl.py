@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxcl.methods import base
-from jaxcl.methods import _memory
+from jaxcl.methods import _intercept, _memory, base
 from jaxcl.models import layers
 
 
@@ -84,8 +84,39 @@ class CalibDense(layers.Dense):
         return y * lam if self.feature_calibration == "multiply" else y * lam + y
 
 
+def calibration_hook(feature_calibration: str):
+    """The calibration of a plain ``flax.linen`` Dense or Conv (through interception):
+    ``psi`` is created here and applied to the kernel by :func:`scale_kernels` (the layer
+    reads its own kernel), ``b`` and ``lambda`` act on the output."""
+
+    def hook(layer, x, y, task, call):
+        o = y.shape[-1]
+        shape = (o, x.shape[-1] // layer.feature_group_count) if isinstance(layer, nn.Conv) else (o,)
+        layer.variable("calib", "psi", lambda: jnp.ones(shape))
+        b = layer.variable("calib", "b", lambda: jnp.zeros((o,))).value
+        lam = layer.variable("calib", "lam", lambda: jnp.ones((o,))).value
+        y = y + b
+        return y * lam if feature_calibration == "multiply" else y * lam + y
+
+    return hook
+
+
+def scale_kernels(params, calib):
+    """``params`` with every calibrated kernel W replaced by ``W * tile(psi)``."""
+    scaled = calibrated_weights(params, calib)
+
+    def visit(p, prefix):
+        return {k: visit(v, prefix + (k,)) if isinstance(v, dict)
+                else (v * scaled[prefix][1] if k == "kernel" and prefix in scaled else v) for k, v in p.items()}
+
+    return visit(params, ())
+
+
 def calibrated(model, feature_calibration: str = "multiply"):
-    """``model`` with every conv and dense layer calibrated."""
+    """``model`` with every conv and dense layer calibrated: a jaxcl model by its layer
+    classes, any other Flax model by intercepting its ``Dense``/``Conv`` layers."""
+    if _intercept.is_plain(model, ("conv", "dense")):
+        return _intercept.Intercepted(model, calibration_hook(feature_calibration))
     kw = {}
     if hasattr(model, "conv"):
         kw["conv"] = functools.partial(CalibConv, feature_calibration=feature_calibration)
@@ -132,10 +163,13 @@ def make(config, model, info) -> base.Method:
     m = config.method
     num_tasks, temp, K = info.num_tasks, float(m.temperature), int(m.inner_steps)
     cmodel = calibrated(model, m.feature_calibration)
+    # plain Flax layers read their own kernel: psi is applied to it before the call
+    pre = scale_kernels if isinstance(cmodel, _intercept.Intercepted) else (lambda theta, calib: theta)
     ring = m.memory == "ring"
 
     def forward(theta, calib, model_state, x, task, rng):
-        return base.apply(cmodel, {"params": theta, "calib": calib}, model_state, x, task, train=True, rng=rng)
+        return base.apply(cmodel, {"params": pre(theta, calib), "calib": calib}, model_state, x, task, train=True,
+                          rng=rng)
 
     def kl_to_stored(z, q):
         """KL(softmax(z / T) || q) = sum p (log p - log q), per sample (the issue's and W4's
@@ -145,6 +179,9 @@ def make(config, model, info) -> base.Method:
 
     def init(rng, x):
         state = base.init_state(cmodel, rng, x)
+        if "calib" not in state.params:
+            raise ValueError(f"NCCL calibrates conv and dense layers (flax.linen Dense/Conv or jaxcl layers); "
+                             f"{type(model).__name__} has none")
         mem = _memory.new(m.memory, m.memory_size, x.shape[1:], info.num_outputs, num_tasks=num_tasks)
         trainable = jax.tree_util.tree_map_with_path(
             lambda p, w: jnp.asarray(getattr(p[0], "key", None) == "calib"), state.params)
@@ -232,7 +269,8 @@ def make(config, model, info) -> base.Method:
         return state.replace(params=params, extra={**state.extra, "memory": mem})
 
     def predict(state, x, task):
-        return base.apply(cmodel, state.params, state.model_state, x, task, train=False)[0]
+        params = {**state.params, "params": pre(state.params["params"], state.params["calib"])}
+        return base.apply(cmodel, params, state.model_state, x, task, train=False)[0]
 
     return base.make("nccl", config, cmodel, init=init, loss=loss, after_step=after_step, predict=predict)
 

@@ -108,11 +108,14 @@ def make(config, model, info) -> base.Method:
     task_norm = config.method.task_norm
     if task_norm:
         if not hasattr(model, "norm"):
-            raise ValueError(f"method.task_norm needs a model with batch norm; {config.model.name} has none")
+            raise ValueError(f"method.task_norm needs a model with batch norm; {config.model.name} has none (per-task "
+                             "batch norm replaces the `norm` layers of a jaxcl model); pass task_norm=False")
         model = model.clone(norm=functools.partial(layers.TaskNorm, num_tasks))
     owner_dtype = jnp.uint8 if num_tasks < 255 else jnp.uint16
-    shared_bn = bool(jax.tree_util.tree_leaves(jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(info.input_shape)))).get("batch_stats", {})))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(info.input_shape))))
+    shared_bn = bool(jax.tree_util.tree_leaves(shapes.get("batch_stats", {})))
+    if info.num_heads == num_tasks > 1:  # else task 2 would train on the head task 1 froze
+        base.check_task_heads("PackNet", shapes["params"], num_tasks)
     retrain = base.Phase("retrain", base.epochs(config, config.method.retrain_epochs),
                          config.method.retrain_lr or None, tuple(config.method.retrain_milestones))
     train_phase = base.Phase("train", base.epochs(config))

@@ -51,7 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxcl.methods import base
+from jaxcl.methods import _intercept, base
 from jaxcl.models import layers
 
 MODES = ("source", "target", "combined")
@@ -141,7 +141,28 @@ def _combine(module, branch, train, features):
     return (1.0 + a_s.value) * ys + a_t.value * yt
 
 
+def combination_hook(mode: str, a_init):
+    """``_combine`` for a plain ``flax.linen`` Dense or Conv (through interception): the
+    target branch is a copy of the layer named ``target_layer`` inside it, the
+    combination is taken at the layer's output."""
+
+    def hook(layer, x, y, task, call):
+        o = y.shape[-1]
+        a_s = layer.variable("rescl", "a_s", lambda: jnp.full((o,), a_init[0], jnp.float32)).value
+        a_t = layer.variable("rescl", "a_t", lambda: jnp.full((o,), a_init[1], jnp.float32)).value
+        if mode == "source" and not layer.is_initializing():
+            return y
+        yt = layer.clone(parent=layer, name=_intercept.TARGET)(x)
+        if layer.is_initializing():
+            return {"target": yt}.get(mode, y)
+        return yt if mode == "target" else (1.0 + a_s) * y + a_t * yt
+
+    return hook
+
+
 def _clone(model, mode: str, a_init):
+    if _intercept.is_plain(model, ("unit", "dense", "norm_unit")):
+        return _intercept.Intercepted(model, combination_hook(mode, a_init))
     kw = {}
     if hasattr(model, "unit"):
         kw["unit"] = functools.partial(ResCLUnit, mode=mode, a_init=a_init)
@@ -183,6 +204,19 @@ def make(config, model, info) -> base.Method:
     a_init = tuple(float(a) for a in m.a_init)
     num_tasks, temp = info.num_tasks, float(m.temperature)
     models = {mode: _clone(model, mode, a_init) for mode in MODES}
+    if isinstance(models["source"], _intercept.Intercepted):
+        shapes = _intercept.collections(models["source"], jnp.zeros((1,) + tuple(info.input_shape)))
+        if "rescl" not in shapes:
+            raise ValueError(f"ResCL combines dense and conv layers; {type(model).__name__} has none")
+        if "batch_stats" in shapes:
+            raise ValueError(f"ResCL on a model of plain flax.linen layers ({type(model).__name__}) cannot fold its "
+                             "batch norm: build the model of jaxcl.models.layers ConvNorm units, or drop batch norm")
+        base.check_task_heads("ResCL", shapes["params"], num_tasks)
+        try:  # stage 2 distils every old head at once
+            jax.eval_shape(lambda v: models["source"].apply(v, jnp.zeros((1,) + tuple(info.input_shape)), "all"), shapes)
+        except Exception as e:
+            raise ValueError(f"ResCL calls the model with task='all' for every head's logits [B, heads, outputs] "
+                             f"(jaxcl.models.Heads does this); {type(model).__name__} failed: {e}") from None
     eps = layers.Norm().epsilon
     first = base.Phase("train", base.epochs(config))
     stages = (base.Phase("finetune", base.epochs(config)),
@@ -217,6 +251,8 @@ def make(config, model, info) -> base.Method:
         for k in tree:
             if k.startswith("target_") and k[len("target_"):] in tree:
                 out[k] = jax.tree_util.tree_map(lambda a: a, out[k[len("target_"):]])
+        if isinstance(tree.get(_intercept.TARGET), dict):  # a plain layer's copy: its kernel and bias
+            out[_intercept.TARGET] = {k: out[k] for k in tree[_intercept.TARGET]}
         return out
 
     def begin_task(state, task):
@@ -304,10 +340,12 @@ def make(config, model, info) -> base.Method:
                 node_p["norm"]["bn"]["bias"] = ((1 + a_s) * (ns["bias"] - ss["mean"] * scale_s)
                                                 + a_t * (nt["bias"] - stt["mean"] * scale_t))
                 node_s["norm"]["bn"]["mean"] = jnp.zeros_like(ss["mean"])
-            elif "target_kernel" in node_p:  # a dense layer
-                node_p["kernel"] = (1 + a_s) * node_p["kernel"] + a_t * node_p["target_kernel"]
+            elif "target_kernel" in node_p or _intercept.TARGET in node_p:  # a dense layer, or a plain flax one
+                target = node_p.get(_intercept.TARGET, {"kernel": node_p.get("target_kernel"),
+                                                        "bias": node_p.get("target_bias")})
+                node_p["kernel"] = (1 + a_s) * node_p["kernel"] + a_t * target["kernel"]
                 if "bias" in node_p:
-                    node_p["bias"] = (1 + a_s) * node_p["bias"] + a_t * node_p["target_bias"]
+                    node_p["bias"] = (1 + a_s) * node_p["bias"] + a_t * target["bias"]
 
         visit(p["params"], st.get("batch_stats", {}), p["rescl"])
         return p, st

@@ -31,6 +31,9 @@ def validate(config) -> None:
 def make(config, model, info) -> base.Method:
     sliced = info.scenario == "task" and info.num_tasks > 1
     if sliced:
+        if config.model.name not in models.available():
+            raise ValueError("SGD-LL in the task scenario rebuilds a jaxcl model with one last layer over every class; "
+                             f"with your own model ({config.model.name}) use scenario='class' or 'domain'")
         total = int(sum(info.task_classes))
         model = models.build(config.model, info, num_heads=1, num_outputs=total, classes_per_head=(total,))
         offsets = jnp.asarray(info.class_offsets, jnp.int32)
