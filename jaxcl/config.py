@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.width = 0  # resnets and cnn: base width (0: the model's own default)
     c.model.init = "torch"  # torch (PyTorch module defaults) | flax
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
-    c.model.pretrained = ""  # a jaxcl run (workdir) whose trunk (all but the heads) initialises this one
+    c.model.pretrained = ""  # a jaxcl run (workdir) or a torchvision/timm .safetensors file: the trunk (all but the heads)
 
     c.method = ml_collections.ConfigDict()
     c.method.name = "finetune"

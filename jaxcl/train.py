@@ -43,6 +43,7 @@ from jaxcl import config as config_lib
 from jaxcl import data, logs, methods, metrics, models, optim, report, sharding
 from jaxcl.data import feed as feed_lib
 from jaxcl.methods.base import State
+from jaxcl.models import torch_weights
 
 # How many times each compiled function was traced (a new trace means a recompile);
 # read by the tests that check that changing task does not recompile.
@@ -221,8 +222,7 @@ def setup(config) -> Setup:
     if smallest < config.batch_size:
         raise data.DataError(f"batch_size={config.batch_size} is larger than the smallest task's "
                              f"{smallest} training samples; lower batch_size")
-    resident = feed_lib.choose_resident(str(config.data.on_device).lower(), streams)
-    feed = feed_lib.Feed(streams, run_stream, normalize=config.data.normalize, resident=resident)
+    feed = feed_lib.make(config, streams, run_stream)
     S = Setup(config, seeds, bool(config.seeds), streams, run_stream, info, model, method, mesh,
               optim.make(config.optimizer), feed, 1, {}, {})
     k = config_lib.steps_per_call(config)
@@ -291,15 +291,13 @@ def _run_slice(S: Setup, tree, r: int):
 
 def _load_pretrained(S: Setup, state: State, path: str, echo) -> State:
     """Initialise the trunk (every parameter but the heads, and the batch statistics)
-    from the newest checkpoint of the jaxcl run in ``path``; every run alike."""
-    src = ckpt_lib.load_state(path)
+    from ``path``: a jaxcl run's workdir or a torchvision/timm ``.safetensors`` file
+    (:mod:`jaxcl.models.torch_weights`); every run alike."""
     runs = []
     for r in range(S.R):
         one = jax.device_get(_run_slice(S, state, r))
-        params, n_params = ckpt_lib.graft(one.params, src.get("params", {}))
-        model_state, n_stats = ckpt_lib.graft(one.model_state, src.get("model_state", {}))
-        if n_params == 0:
-            raise ckpt_lib.CheckpointError(f"model.pretrained={path}: no parameter of this model found in it")
+        params, model_state, n_params, n_stats = torch_weights.load_pretrained(
+            one.params, one.model_state, path, S.model)
         runs.append(one.replace(params=params, model_state=model_state))
     echo(f"initialised {n_params} parameter arrays and {n_stats} statistics arrays from {path}")
     state = runs[0] if S.R == 1 else jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *runs)
@@ -490,7 +488,7 @@ def run_results(S: Setup, state, r: int, run_record: dict, record: dict) -> dict
         "train_steps": steps,
         "steps_per_s": metrics.steps_per_second(steps, record["train_s"]),  # this run's; all runs: x runs_in_program
         "runs_in_program": S.R,
-        "data_path": "device" if S.feed.resident else "host",
+        "data_path": S.feed.path,
         "steps_per_call": S.steps_per_call,
         "devices": {"count": int(S.mesh.devices.size), "platform": jax.devices()[0].platform,
                     "kind": jax.devices()[0].device_kind},

@@ -69,6 +69,12 @@ def choose_resident(setting: str, streams: list[Stream]) -> bool:
     return setting == "true" or need <= budget
 
 
+def make(config, streams: list[Stream], run_stream: list[int]) -> "Feed":
+    """The feed a run config asks for (``data.on_device``)."""
+    resident = choose_resident(str(config.data.on_device).lower(), streams)
+    return Feed(streams, run_stream, normalize=config.data.normalize, resident=resident)
+
+
 class Feed:
     """Items for the compiled calls of ``R`` runs. ``streams`` are the distinct streams,
     ``run_stream[r]`` the one run ``r`` trains on. Items carry a leading run axis when
@@ -77,6 +83,7 @@ class Feed:
 
     def __init__(self, streams: list[Stream], run_stream: list[int], *, normalize: bool, resident: bool):
         self.streams, self.run_stream, self.resident = streams, list(run_stream), resident
+        self.path = "device" if resident else "host"  # what results.json reports as data_path
         self.normalize = normalize
         self.R = len(self.run_stream)
         self.per_run = len(streams) > 1
