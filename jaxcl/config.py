@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.download = False  # let TFDS download and prepare a missing dataset
     c.data.tfds_dir = ""  # TFDS data_dir (default: TFDS's own)
     c.data.on_device = "auto"  # auto | true | false: keep the stream in device memory (auto: when it fits)
+    c.data.pipeline = "memory"  # memory | grain | auto: arrays in host memory, or a grain pipeline streaming from disk
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"  # see `jaxcl list`
@@ -268,6 +269,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.data.train_limit >= 0 and c.data.test_limit >= 0, "data.train_limit/test_limit: must be >= 0")
     need(str(c.data.on_device).lower() in ("auto", "true", "false"),
          f"data.on_device: {c.data.on_device!r} is not one of auto, true, false")
+    need(c.data.pipeline in ("memory", "grain", "auto"),
+         f"data.pipeline: {c.data.pipeline!r} is not one of memory, grain, auto")
     steps_per_call(c)
     seeds = tuple(c.seeds)
     need(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds), f"seeds: expected integers, got {seeds}")
