@@ -1,0 +1,145 @@
+"""Issue 12: the accelerator-native loop against the host loop, side by side in one run.
+
+For each stream, train steps/s of three variants of the same run:
+
+* ``host``:   ``data.on_device=false loop.steps_per_call=1``    (the old loop: batches made
+  in numpy, one compiled call per step);
+* ``chunk``:  ``data.on_device=false loop.steps_per_call=auto`` (host batches, K steps per
+  call: the effect of the lax.scan alone);
+* ``device``: ``data.on_device=true  loop.steps_per_call=auto`` (the stream resident on
+  the device, batches gathered there, K steps per call);
+
+plus ``host_batches_per_s``: what making the batches in numpy alone sustains
+(``jaxcl.data.batches`` over one epoch of the first task's pool, same order and batch).
+
+Compile time is excluded by differencing: each variant is run (in this process, its own
+``jaxcl.run``) with ``epochs=E1`` and ``epochs=E2``; steps/s = (steps(E2) - steps(E1)) /
+(train_s(E2) - train_s(E1)). ``train_s`` already leaves out evaluation; the compilation of
+the train call (once per phase, in the first task) is in both runs and cancels. Each
+rate is set against the fp32 matmul peak (``peak.py`` of ../shared/peers when its venv
+exists, as benchmarks/common.py does): FLOP per step = 6 x params x batch for the MLPs
+(the task's head counted), the peers' measured W2 figure for the reduced ResNet-18
+(``flops.jsonl``, same model and batch 32).
+
+    python benchmarks/loop.py [--streams split_mnist permuted_mnist split_cifar10] [--repeats N]
+
+One JSON line per stream.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+VARIANTS = {
+    "host": ["data.on_device=false", "loop.steps_per_call=1"],
+    "chunk": ["data.on_device=false", "loop.steps_per_call=auto"],
+    "device": ["data.on_device=true", "loop.steps_per_call=auto"],
+}
+QUIET = ["log.progress=false", "log.plots=false", "log.tensorboard=false"]
+
+# stream -> (config spec, overrides, (E1, E2))
+STREAMS = {
+    "split_mnist": ("split_mnist:method=finetune", [], (1, 3)),
+    "permuted_mnist": ("permuted_mnist:method=finetune",
+                       ["data.train_limit=10000", "data.test_limit=1000", "num_tasks=3"], (1, 3)),
+    "split_cifar10": ("split_cifar10:method=finetune",
+                      ["data.train_limit=640", "data.test_limit=200", "num_tasks=2"], (1, 2)),
+}
+
+
+def _run(spec: str, sets: list[str], tmp: Path, name: str) -> dict:
+    return common.run_config(spec, sets, tmp / name, echo=lambda s: None)
+
+
+def flop_per_step(stream: str, res: dict) -> float | None:
+    cfg = res["config"]
+    if cfg["model"]["name"] == "mlp":
+        p = res["params"]
+        return 6.0 * (p["backbone"] + p["head_per_task"]) * cfg["batch_size"]
+    if cfg["model"]["name"] == "reduced_resnet18" and not cfg["model"]["width"] and cfg["batch_size"] == 32:
+        return common.flops("w2_packnet_resnet").get("train_step")
+    return None
+
+
+def host_batches_per_s(spec: str, sets: list[str], repeats: int = 3) -> float:
+    """Batches/s of jaxcl.data.batches over one epoch of task 0's training pool."""
+    import jaxcl
+    from jaxcl import data
+
+    cfg = jaxcl.config.override(jaxcl.get_config(spec), sets)
+    stream = data.build(cfg)
+    p = data.pool(stream, 0, "train", normalize=cfg.data.normalize)
+    order = data.epoch_order(len(p), cfg.seed, 0, 0, 0)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = sum(1 for _ in data.batches(p, cfg.batch_size, order, drop_last=True))
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def bench_stream(name: str, repeats: int, peak: float | None) -> dict:
+    spec, extra, (e1, e2) = STREAMS[name]
+    base = [f"data.dir={common.DATA_DIR}", *QUIET, *extra]
+    rates = {v: [] for v in VARIANTS}
+    info = {}
+    with tempfile.TemporaryDirectory(prefix="jaxcl_loop_") as tmp:
+        tmp = Path(tmp)
+        for rep in range(repeats):
+            # variants interleaved, so that a change of load hits them alike
+            for v, sets in VARIANTS.items():
+                a = _run(spec, [*base, *sets, f"epochs={e1}"], tmp, f"{v}_{rep}_a")
+                b = _run(spec, [*base, *sets, f"epochs={e2}"], tmp, f"{v}_{rep}_b")
+                assert a["data_path"] == ("device" if v == "device" else "host"), a["data_path"]
+                rate = (b["train_steps"] - a["train_steps"]) / (b["train_s"] - a["train_s"])
+                rates[v].append(rate)
+                info[v] = {"data_path": b["data_path"], "steps_per_call": b["steps_per_call"],
+                           "compile_and_first_epoch_s": round(a["train_s"], 3),
+                           "steps_per_s_incl_compile": round(b["steps_per_s"], 2),
+                           "acc": round(b["acc"], 4)}
+        fps = flop_per_step(name, b)
+    med = {v: statistics.median(r) for v, r in rates.items()}
+    hb = host_batches_per_s(spec, base)
+    out = {
+        "stream": name,
+        "command": f"jaxcl run {spec} --set " + " --set ".join(extra) if extra else f"jaxcl run {spec}",
+        "epochs_differenced": [e1, e2],
+        "steps_per_s": {v: round(r, 2) for v, r in med.items()},
+        "steps_per_s_all": {v: [round(x, 2) for x in r] for v, r in rates.items()},
+        "ratio_device_over_host": round(med["device"] / med["host"], 3),
+        "ratio_chunk_over_host": round(med["chunk"] / med["host"], 3),
+        "ratio_device_over_chunk": round(med["device"] / med["chunk"], 3),
+        "host_batches_per_s": round(hb, 1),
+        "flop_per_step": fps,
+        "peak_gflops": peak,
+        "share_of_peak": {v: common.share_of_peak(r, fps, peak) for v, r in med.items()},
+        "variants": info,
+    }
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--streams", nargs="+", default=list(STREAMS), choices=list(STREAMS))
+    ap.add_argument("--repeats", type=int, default=1, help="differenced pairs per variant (median)")
+    args = ap.parse_args(argv)
+    peak = common.peak_gflops()
+    for name in args.streams:
+        load0 = open("/proc/loadavg").read().split()[0]
+        rec = bench_stream(name, args.repeats, peak)
+        rec["load_1min"] = [float(load0), float(open("/proc/loadavg").read().split()[0])]
+        common.emit(rec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
