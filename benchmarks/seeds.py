@@ -1,0 +1,161 @@
+"""Issue 12: several seeds in one program against the same seeds run one after another.
+
+Workloads (one JSON line each): 8 seeds of ``split_mnist:method=ewc`` and of
+``permuted_mnist:method=packnet``, kept short with ``data.train_limit``, epochs and
+num_tasks. In this process: first ``seeds=(0,...,7)`` (one ``jaxcl.run``, every seed
+vmapped), then ``seed=0`` ... ``seed=7`` as 8 whole runs. Figures: wall-clock ratio
+(program / sum of the sequential runs' wall; each wall is the whole ``jaxcl.run``, compile
+and evaluation included, as a user waits for it), the same ratio of ``train_s``, and the
+largest absolute difference between each seed's accuracy matrix in the program and in its
+own run.
+
+``--memory``: peak memory of the device-resident ``split_cifar10`` (the full stream, every
+task resident) for 1 seed and for 8 seeds (one copy of the stream: it does not depend on
+the seed), and the host path for 1 seed as a reference; each variant in a fresh
+subprocess that sets the run up, initialises the state, runs one compiled train call of
+``loop.steps_per_call`` steps and one evaluation call (the working set every later call
+of the run repeats). On CPU the figure is the process's peak RSS (``getrusage``); on a GPU
+``memory_stats()['peak_bytes_in_use']`` is printed too. ``stream_bytes`` is the resident
+stream's images.
+
+    python benchmarks/seeds.py [--workloads ewc packnet] [--seeds 8]
+    python benchmarks/seeds.py --memory
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+QUIET = ["log.progress=false", "log.plots=false", "log.tensorboard=false"]
+WORKLOADS = {
+    "ewc": ("split_mnist:method=ewc", ["data.train_limit=2000", "data.test_limit=500", "epochs=2"]),
+    "packnet": ("permuted_mnist:method=packnet",
+                ["data.train_limit=2000", "data.test_limit=500", "num_tasks=3", "epochs=2",
+                 "method.retrain_epochs=1"]),
+}
+MEMORY = ("split_cifar10:method=finetune", ["loop.steps_per_call=8"])
+
+
+def bench_workload(name: str, n_seeds: int) -> dict:
+    spec, extra = WORKLOADS[name]
+    base = [f"data.dir={common.DATA_DIR}", *QUIET, *extra]
+    seeds = tuple(range(n_seeds))
+    load = [float(open("/proc/loadavg").read().split()[0])]
+    with tempfile.TemporaryDirectory(prefix="jaxcl_seeds_") as tmp:
+        tmp = Path(tmp)
+        prog = common.run_config(spec, [*base, f"seeds={seeds}"], tmp / "program", echo=lambda s: None)
+        seq = [common.run_config(spec, [*base, f"seed={s}"], tmp / f"seed_{s}", echo=lambda s: None)
+               for s in seeds]
+    load.append(float(open("/proc/loadavg").read().split()[0]))
+    by_seed = {r["seed"]: r for r in prog["runs"]}
+    diffs = {s: float(np.max(np.abs(np.asarray(by_seed[s]["accuracy_matrix"]) - np.asarray(seq[i]["accuracy_matrix"]))))
+             for i, s in enumerate(seeds)}
+    wall_seq = sum(r["wall_s"] for r in seq)
+    train_seq = sum(r["train_s"] for r in seq)
+    return {
+        "workload": name,
+        "command": f"jaxcl run {spec} --set " + " --set ".join(extra) + f" --seeds {' '.join(map(str, seeds))}",
+        "seeds": list(seeds),
+        "runs_in_program": prog["runs_in_program"],
+        "data_path": prog["data_path"],
+        "steps_per_call": prog["steps_per_call"],
+        "wall_s_program": round(prog["wall_s"], 2),
+        "wall_s_sequential": round(wall_seq, 2),
+        "wall_ratio": round(prog["wall_s"] / wall_seq, 3),
+        "train_s_program": round(prog["train_s"], 2),
+        "train_s_sequential": round(train_seq, 2),
+        "train_s_ratio": round(prog["train_s"] / train_seq, 3),
+        "train_steps_per_seed": [r["train_steps"] for r in prog["runs"]],
+        "acc_program": round(prog["acc"], 4),
+        "acc_sequential_mean": round(float(np.mean([r["acc"] for r in seq])), 4),
+        "max_abs_diff_accuracy_matrix": max(diffs.values()),
+        "max_abs_diff_per_seed": diffs,
+        "load_1min": load,
+    }
+
+
+def memory_child(variant: str) -> dict:
+    """One variant's set-up, state, one train call and one eval call; peak memory."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxcl
+    from jaxcl import train
+    from jaxcl.data import feed as feed_lib
+
+    spec, extra = MEMORY
+    sets = [f"data.dir={common.DATA_DIR}", *QUIET, *extra]
+    sets += {"device_1": ["data.on_device=true"], "device_8": ["data.on_device=true", "seeds=(0,1,2,3,4,5,6,7)"],
+             "host_1": ["data.on_device=false"]}[variant]
+    config = jaxcl.config.override(jaxcl.get_config(spec), sets)
+    jaxcl.config.validate(config)
+    S = train.setup(config)
+    state = train._init_fn(S)(train._keys(S))
+    B, K, t = config.batch_size, S.steps_per_call, 0
+    n = [S.feed.size(r, "train", 0) for r in range(S.R)]
+    orders = [jaxcl.data.epoch_order(m, S.seeds[r], t, 0, 0) for r, m in enumerate(n)]
+    phase = S.method.phases(t)[0].name
+    xs = S.feed.train_items(0, orders, range(0, K), B, K)
+    state, out = S.fns["train"](phase)(state, S.src.get("train"), train._items(S, xs, 2 if S.R > 1 else 1),
+                                       jnp.int32(t))
+    jax.block_until_ready(out)
+    item = next(S.feed.pass_items("test", 0, config.eval_batch_size))
+    hits = S.fns["eval"](state, S.src.get("test"), train._items(S, item, 1 if S.feed.per_run else 0), jnp.int32(0))
+    jax.block_until_ready(hits)
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    return {
+        "variant": variant,
+        "runs_in_program": S.R,
+        "data_path": "device" if S.feed.resident else "host",
+        "steps_per_call": K,
+        "stream_bytes": sum(feed_lib.stream_bytes(s) for s in S.streams),
+        "resident_src_bytes": sum(a.nbytes for a in jax.tree_util.tree_leaves(S.src)),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+        "device": f"{dev.platform}:{dev.device_kind}",
+        "peak_bytes_in_use": (stats or {}).get("peak_bytes_in_use"),
+    }
+
+
+def bench_memory() -> dict:
+    out = {"workload": "memory", "command": f"jaxcl run {MEMORY[0]} --set " + " --set ".join(MEMORY[1]),
+           "variants": {}}
+    for v in ("host_1", "device_1", "device_8"):
+        p = subprocess.run([sys.executable, __file__, "--memory-child", v], capture_output=True, text=True)
+        if p.returncode != 0:
+            out["variants"][v] = {"error": p.stderr[-2000:]}
+            continue
+        out["variants"][v] = json.loads(p.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--memory", action="store_true", help="peak memory of split_cifar10, 1 and 8 seeds")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child)), flush=True)
+        return 0
+    if args.memory:
+        common.emit(bench_memory())
+        return 0
+    for name in args.workloads:
+        common.emit(bench_workload(name, args.seeds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
