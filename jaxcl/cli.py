@@ -1,6 +1,6 @@
 """Command line: ``jaxcl run | report | list``.
 
-    jaxcl run [CONFIG[:ARG]] [--set KEY=VALUE ...] [--seeds S ...] [--workdir DIR] [--resume]
+    jaxcl run [CONFIG[:ARG]] [--set KEY=VALUE ...] [--seeds S ...] [--sweep KEY=v1,v2 ...] [--workdir DIR] [--resume]
     jaxcl report WORKDIR [WORKDIR ...]
     jaxcl list
 """
@@ -37,6 +37,8 @@ def cmd_run(args) -> int:
         if not args.seeds:
             raise config_lib.ConfigError("--seeds: give at least one seed, e.g. --seeds 0 1 2")
         config = config_lib.override(config, [f"seeds={tuple(args.seeds)!r}"])
+    if args.sweep:
+        config = config_lib.override(config, [f"sweep={tuple(args.sweep)!r}"])
     config_lib.validate(config)
     workdir = Path(args.workdir) if args.workdir else _workdir_for(config, args.resume)
     print(f"jaxcl: {config.benchmark} / {config.method.name} ({config.scenario}-incremental) -> {workdir}",
@@ -88,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set optimizer.lr=0.1 (repeatable)")
     r.add_argument("--seeds", nargs="*", type=int, default=None, metavar="S",
                    help="train these seeds at once in one program (per-seed results and a summary)")
+    r.add_argument("--sweep", action="append", default=[], metavar="KEY=v1,v2",
+                   help="train every value of a numeric hyperparameter at once in one program (repeatable: a grid)")
     r.add_argument("--workdir", default=None, help="where results and checkpoints go (default: runs/...)")
     r.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
     r.set_defaults(fn=cmd_run)

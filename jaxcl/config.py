@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.benchmark = "custom"
     c.seed = 0
     c.seeds = ()  # train these seeds at once in one program (--seeds); () = just `seed`
+    c.sweep = ()  # ("KEY=v1,v2,...", ...): a grid of numeric settings trained at once in one program (--sweep)
     c.num_tasks = 5
     c.epochs = 1
     c.batch_size = 32
@@ -66,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tfds_dir = ""  # TFDS data_dir (default: TFDS's own)
     c.data.on_device = "auto"  # auto | true | false: keep the stream in device memory (auto: when it fits)
     c.data.pipeline = "memory"  # memory | grain | auto: arrays in host memory, or a grain pipeline streaming from disk
+    c.data.image_size = 0  # resize every image to this many pixels square as it is read (0: as stored)
+    c.data.grain_workers = -1  # data.pipeline=grain: worker processes that read, decode and resize (-1: half the CPUs, 0: none)
+    c.data.memory_budget_mb = 0  # data.pipeline=auto: the most MiB of images kept in memory (0: a quarter of the host's)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"  # see `jaxcl list`
@@ -271,11 +275,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f"data.on_device: {c.data.on_device!r} is not one of auto, true, false")
     need(c.data.pipeline in ("memory", "grain", "auto"),
          f"data.pipeline: {c.data.pipeline!r} is not one of memory, grain, auto")
+    need(c.data.image_size >= 0, f"data.image_size: must be >= 0 (0: as stored), got {c.data.image_size}")
+    need(c.data.grain_workers >= -1, f"data.grain_workers: must be -1 (auto), 0 or more, got {c.data.grain_workers}")
+    need(c.data.memory_budget_mb >= 0, f"data.memory_budget_mb: must be >= 0 (0: auto), got {c.data.memory_budget_mb}")
     steps_per_call(c)
     seeds = tuple(c.seeds)
     need(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds), f"seeds: expected integers, got {seeds}")
     dup = sorted({s for s in seeds if seeds.count(s) > 1})
     need(not dup, f"seeds: {dup} given more than once")
+    sweep_settings(c)
     need(c.mesh.data == -1 or c.mesh.data >= 1, f"mesh.data: must be -1 (all devices) or >= 1, got {c.mesh.data}")
     method_module(c.method.name).validate(c)
 
@@ -292,6 +300,52 @@ def steps_per_call(c: ml_collections.ConfigDict) -> int | None:
     if k < 1 or str(k) != str(v).strip():
         raise ConfigError(f"loop.steps_per_call: expected auto or an integer >= 1, got {v!r}")
     return k
+
+
+# Keys that shape the program (array sizes, data, devices, files): never swept.
+STRUCTURAL_SECTIONS = ("data", "model", "mesh", "log", "checkpoint", "loop")
+STRUCTURAL_KEYS = ("benchmark", "seed", "seeds", "sweep", "num_tasks", "epochs", "batch_size", "eval_batch_size",
+                   "scenario", "online", "method.name", "optimizer.name", "optimizer.schedule")
+
+
+def sweep_settings(c: ml_collections.ConfigDict) -> list[dict]:
+    """``sweep`` as the grid of settings it spans, each a dict KEY -> float, in the
+    order given (the last key varies fastest); ``[{}]`` when nothing is swept. A
+    structural key, a non-numeric key, an unknown key or a value that is not a number
+    is refused by name."""
+    import itertools
+
+    axes = []
+    for entry in c.sweep:
+        if "=" not in str(entry):
+            raise ConfigError(f"--sweep {entry!r}: expected KEY=v1,v2,...")
+        key, values = (x.strip() for x in str(entry).split("=", 1))
+        node, leaf = _lookup(c, key)
+        current = node[leaf]
+        if key.split(".")[0] in STRUCTURAL_SECTIONS or key in STRUCTURAL_KEYS or isinstance(current, bool) \
+                or not isinstance(current, float):
+            raise ConfigError(f"--sweep {key}: {key} is structural (it holds {current!r}, which shapes the program: "
+                              "array sizes, data or control flow); only numeric hyperparameters such as optimizer.lr "
+                              "or method weights can be swept in one program; run other values as separate runs")
+        parsed = []
+        for v in filter(None, (x.strip() for x in values.split(","))):
+            try:
+                parsed.append(float(ast.literal_eval(v)))
+            except (ValueError, SyntaxError, TypeError):
+                raise ConfigError(f"--sweep {key}: {v!r} is not a number") from None
+        if not parsed:
+            raise ConfigError(f"--sweep {key}: no values given")
+        if len(set(parsed)) != len(parsed):
+            raise ConfigError(f"--sweep {key}: a value is given more than once: {parsed}")
+        if key in [a[0] for a in axes]:
+            raise ConfigError(f"--sweep {key}: swept twice")
+        axes.append((key, parsed))
+    return [dict(zip([a[0] for a in axes], combo)) for combo in itertools.product(*[a[1] for a in axes])]
+
+
+def setting_name(setting: dict) -> str:
+    """A sweep setting as a folder name: ``optimizer.lr=0.1,method.ewc_lambda=10``."""
+    return ",".join(f"{k}={v:g}" for k, v in setting.items())
 
 
 def run_seeds(c: ml_collections.ConfigDict) -> tuple[int, ...]:

@@ -86,6 +86,8 @@ def matrix_table(R: Sequence[Sequence[float]]) -> str:
 def summary_table(results: dict) -> str:
     """A run's results, or a multi-seed summary (mean +- std over seeds)."""
     r = results
+    if "settings" in r:
+        return sweep_table(r)
     if "seeds" in r:
         return seeds_table(r)
     p = r.get("params", {})
@@ -126,11 +128,31 @@ def seeds_table(s: dict) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(s: dict) -> str:
+    """One row per setting of a sweep: mean (+- std over seeds) of ACC, BWT, FWT, forgetting."""
+    lines = [f"{s['benchmark']}  method={s['method']}  scenario={s['scenario']}  sweep={s['sweep']}  "
+             f"seeds={s['seeds']}  ({s['runs_in_program']} runs in one program)", ""]
+    width = max(len("setting"), *(len(_setting(x["setting"])) for x in s["settings"]))
+    lines.append(f"{'setting':<{width}} {'ACC%':>14} {'BWT':>14} {'FWT':>14} {'forget':>14}")
+    for x in s["settings"]:
+        cells = [f"{100 * x[k]:.2f} +- {100 * x[k + '_std']:.2f}" for k in ("acc", "bwt", "fwt", "forgetting")]
+        lines.append(f"{_setting(x['setting']):<{width}} " + " ".join(f"{c:>14}" for c in cells))
+    lines.append(f"wall {s['wall_s']:.1f} s   train {s['train_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def _setting(setting: dict) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in setting.items())
+
+
 def compare_table(runs: Sequence[tuple[str, dict]]) -> str:
     """One row per run: where, benchmark, method, scenario, ACC, BWT, FWT, forgetting, time."""
     cols = ("run", "benchmark", "method", "scenario", "tasks", "ACC%", "BWT", "FWT", "forget", "wall_s")
     rows = []
-    for where, r in runs:
+    for where, r in list(runs):
+        if "settings" in r:  # a sweep: one row per setting
+            runs += [(f"{where}/{_setting(x['setting'])}", {**x, "num_tasks": r["num_tasks"]}) for x in r["settings"]]
+            continue
         pm = (lambda k, f: f"{100 * r[k]:{f}} +- {100 * r[k + '_std']:.2f}") if "seeds" in r else \
             (lambda k, f: f"{100 * r[k]:{f}}")
         rows.append((str(where), r["benchmark"], r["method"], r["scenario"], str(r["num_tasks"]),

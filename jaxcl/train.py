@@ -160,8 +160,9 @@ class Setup:
     """Everything a run needs that is not state: built once from the config."""
 
     config: object
-    seeds: tuple  # one run per seed, trained together
-    multi: bool  # seeds were asked for: per-seed folders and a summary
+    seeds: tuple  # the seed of each run; runs are trained together
+    settings: list  # the swept values of each run ({} when nothing is swept)
+    multi: bool  # seeds or a sweep were asked for: a folder per run and a summary
     streams: list  # the distinct streams
     run_stream: list  # run r trains on streams[run_stream[r]]
     info: object
@@ -173,6 +174,8 @@ class Setup:
     steps_per_call: int
     src: dict  # resident splits on the device (empty on the host path)
     fns: dict  # compiled functions, per phase where the phase is static
+    run_configs: list = dataclasses.field(default_factory=list)  # each run's own config (its seed and setting)
+    hp: dict = dataclasses.field(default_factory=dict)  # swept values traced into the program: KEY -> [R]
 
     @property
     def R(self) -> int:
@@ -182,9 +185,33 @@ class Setup:
     def num_tasks(self) -> int:
         return len(self.streams[0])
 
-    def lift(self, fn, in_axes):
-        """``fn`` as it is for one run, ``vmap``-ed over the leading run axis for several."""
-        return fn if self.R == 1 else jax.vmap(fn, in_axes=in_axes)
+    def lift(self, make: Callable, in_axes):
+        """``make(method, tx)``'s function as it is for one run, ``vmap``-ed over the
+        leading run axis for several. When a sweep varies a method or optimizer value,
+        each run's method and optimizer are built inside the vmap from its traced value."""
+        if not self.hp:
+            fn = make(self.method, self.tx)
+            return fn if self.R == 1 else jax.vmap(fn, in_axes=in_axes)
+        hp = {k: jnp.asarray(v, jnp.float32) for k, v in self.hp.items()}
+
+        def one(h, *args):
+            m, tx = _built(self, h)
+            return make(m, tx)(*args)
+
+        fn = jax.vmap(one, in_axes=(0, *in_axes))
+        return lambda *args: fn(hp, *args)
+
+    def run_dir(self, workdir: Path, r: int) -> Path:
+        if not self.multi:
+            return workdir
+        d = workdir / config_lib.setting_name(self.settings[r]) if self.settings[r] else workdir
+        return d / f"seed_{self.seeds[r]}" if self.config.seeds or not self.settings[r] else d
+
+    def run_words(self, r: int) -> str:
+        if not self.multi:
+            return ""
+        return " ".join(filter(None, [config_lib.setting_name(self.settings[r]),
+                                      f"seed {self.seeds[r]}" if self.config.seeds else ""])) + ", "
 
     def pool_tasks(self, t: int):
         return range(t + 1) if self.method.data == "cumulative" else t
@@ -195,26 +222,45 @@ def _streams(config, seeds: tuple) -> tuple[list, list]:
     depend on the seed is built once and shared by every run."""
     depends = (config.data.stream == "permuted" or config.data.shuffle_classes
                or config.data.train_limit or config.data.test_limit)
-    if len(seeds) == 1 or not depends:
-        return [data.build(_with_seed(config, seeds[0]))], [0] * len(seeds)
-    streams = [data.build(_with_seed(config, s)) for s in seeds]
-    infos = {s.info for s in streams}
-    if len(infos) > 1:
+    distinct = list(dict.fromkeys(seeds)) if depends else [seeds[0]]
+    streams = [data.build(_with_seed(config, s)) for s in distinct]
+    if len({s.info for s in streams}) > 1:
         raise data.DataError("seeds: the stream's shape differs between seeds (tasks, classes or input shape); "
                              "train these seeds in separate runs")
-    return streams, list(range(len(seeds)))
+    return streams, [distinct.index(s) if depends else 0 for s in seeds]
 
 
 def _with_seed(config, seed: int):
     return config_lib.override(config, [f"seed={seed}"]) if config.seed != seed else config
 
 
+def _built(S: Setup, values: dict):
+    """The method and optimizer of a run whose swept values are ``values`` (traced)."""
+    import ml_collections
+
+    c = ml_collections.ConfigDict(S.config.to_dict(), type_safe=False)
+    for key, v in values.items():
+        *path, leaf = key.split(".")
+        node = c
+        for part in path:
+            node = node[part]
+        node[leaf] = v
+    return methods.build(c, S.model, S.info), optim.make(c.optimizer)
+
+
 def setup(config) -> Setup:
-    seeds = config_lib.run_seeds(config)
+    settings = config_lib.sweep_settings(config)
+    runs = [(st, seed) for st in settings for seed in config_lib.run_seeds(config)]
+    seeds = tuple(seed for _, seed in runs)
+    multi = bool(config.seeds or config.sweep)
+    run_configs = [config_lib.override(config, [f"seed={seed}"] + [f"{k}={v!r}" for k, v in st.items()])
+                   if multi else config for st, seed in runs]
     streams, run_stream = _streams(config, seeds)
     info = streams[0].info
     model = models.build(config.model, info)
-    method = methods.build(config, model, info)
+    # runs share one program; a single run takes its own (swept) values as constants
+    base = run_configs[0] if len(runs) == 1 else config
+    method = methods.build(base, model, info)
     mesh = sharding.make_mesh(config.mesh.data)
     sharding.check_batch(config.batch_size, mesh, "batch_size")
     sharding.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
@@ -223,8 +269,10 @@ def setup(config) -> Setup:
         raise data.DataError(f"batch_size={config.batch_size} is larger than the smallest task's "
                              f"{smallest} training samples; lower batch_size")
     feed = feed_lib.make(config, streams, run_stream)
-    S = Setup(config, seeds, bool(config.seeds), streams, run_stream, info, model, method, mesh,
-              optim.make(config.optimizer), feed, 1, {}, {})
+    S = Setup(config, seeds, [st for st, _ in runs], multi, streams, run_stream, info, model, method, mesh,
+              optim.make(base.optimizer), feed, 1, {}, {}, run_configs)
+    if S.R > 1:  # the swept values the program computes with (the learning rate is set per epoch instead)
+        S.hp = {k: np.asarray([st[k] for st, _ in runs], np.float32) for k in settings[0] if k != "optimizer.lr"}
     k = config_lib.steps_per_call(config)
     if k is None:  # auto: up to AUTO_STEPS_PER_CALL, never more than the shortest task's epoch
         fewest = min(feed.size(r, "train", S.pool_tasks(t)) // config.batch_size
@@ -234,30 +282,60 @@ def setup(config) -> Setup:
     S.src = {split: jax.device_put(feed.src(split), sharding.replicated(mesh)) for split in ("train", "test")
              if feed.src(split) is not None}
     _compile(S)
+    if S.hp:
+        _check_sweep(S)
     return S
 
 
 def _compile(S: Setup) -> None:
     """The jitted functions; those with a static phase are made per phase on first use."""
     rep = sharding.replicated(S.mesh)
-    m, res = S.method, S.feed.resident
+    res, aug = S.feed.resident, S.config.data.augment
     ia = 0 if S.feed.per_run else None  # evaluation/consolidation items: per run or shared
     sa = ia if res else None  # resident arrays: per run when the streams differ
-    chunk = make_train_chunk(m, S.tx, S.config.data.augment, res)
-    evals = make_eval_step(m, res)
-    S.fns["train"] = lambda phase: jax.jit(S.lift(functools.partial(chunk, phase=phase), (0, sa, 0, None)),
-                                           donate_argnums=0, out_shardings=rep)
-    S.fns["eval"] = jax.jit(S.lift(evals, (0, sa, ia, None)), out_shardings=rep)
-    S.fns["begin_task"] = jax.jit(S.lift(m.begin_task, (0, None)), donate_argnums=0, out_shardings=rep)
-    S.fns["after_phase"] = lambda phase: jax.jit(
-        S.lift(functools.partial(m.after_phase, phase=phase), (0, None)), donate_argnums=0, out_shardings=rep)
-    if m.consolidate is not None:
-        cons = make_consolidate(m, res)
-        S.fns["consolidate"] = lambda phase: jax.jit(
-            S.lift(functools.partial(cons, phase=phase), (0, sa, ia, None)), donate_argnums=0, out_shardings=rep)
-    S.fns["reset_opt"] = jax.jit(S.lift(S.tx.init, 0), out_shardings=rep)
-    S.fns = {k: (functools.lru_cache(None)(f) if k in ("train", "after_phase", "consolidate") else f)
-             for k, f in S.fns.items()}
+
+    def per_phase(make, in_axes, **jit):
+        return functools.lru_cache(None)(
+            lambda phase: jax.jit(S.lift(lambda m, tx: functools.partial(make(m, tx), phase=phase), in_axes), **jit))
+
+    S.fns["train"] = per_phase(lambda m, tx: make_train_chunk(m, tx, aug, res), (0, sa, 0, None),
+                               donate_argnums=0, out_shardings=rep)
+    S.fns["eval"] = jax.jit(S.lift(lambda m, tx: make_eval_step(m, res), (0, sa, ia, None)), out_shardings=rep)
+    S.fns["begin_task"] = jax.jit(S.lift(lambda m, tx: m.begin_task, (0, None)), donate_argnums=0, out_shardings=rep)
+    S.fns["after_phase"] = per_phase(lambda m, tx: m.after_phase, (0, None), donate_argnums=0, out_shardings=rep)
+    if S.method.consolidate is not None:
+        S.fns["consolidate"] = per_phase(lambda m, tx: make_consolidate(m, res), (0, sa, ia, None),
+                                         donate_argnums=0, out_shardings=rep)
+    S.fns["reset_opt"] = jax.jit(S.lift(lambda m, tx: tx.init, (0,)), out_shardings=rep)
+
+
+def _check_sweep(S: Setup) -> None:
+    """Refuse, before training, a swept key the program cannot take as a traced number
+    (a method that branches on it in Python, or sizes an array by it)."""
+    sample = _sample(S)
+    xs = S.feed.train_items(S.pool_tasks(0), [np.arange(S.config.batch_size)] * S.R, range(1), S.config.batch_size, 1)
+    xs = _run_slice(S, xs, 0)
+    src = S.src.get("train")
+    src = _run_slice(S, src, 0) if (src is not None and S.feed.per_run) else src
+    phases = S.method.phases(0)
+    for key in S.hp:
+        def probe(v):
+            m, tx = _built(S, {key: v})
+            state = m.init(jax.random.PRNGKey(0), sample)
+            state = m.begin_task(state.replace(opt_state=tx.init(state.params)), jnp.int32(0))
+            for ph in phases:
+                state, _ = make_train_chunk(m, tx, S.config.data.augment, S.feed.resident)(
+                    state, src, xs, jnp.int32(0), ph.name)
+                state = m.after_phase(state, jnp.int32(0), ph.name)
+            return m.predict(state, sample, jnp.int32(0))
+
+        try:
+            jax.eval_shape(probe, jnp.float32(1.0))
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
+                jax.errors.TracerIntegerConversionError, jax.errors.TracerArrayConversionError) as e:
+            raise config_lib.ConfigError(
+                f"--sweep {key}: {S.config.method.name} uses {key} as a Python value when it builds its program "
+                f"(so it is structural here); run its values as separate runs ({type(e).__name__})") from None
 
 
 def _items(S: Setup, tree, batch_axis: int):
@@ -270,14 +348,21 @@ def _items(S: Setup, tree, batch_axis: int):
 # ----------------------------------------------------------------------------- state
 
 
+def _sample(S: Setup) -> np.ndarray:
+    """A batch of inputs of the first task (init's shapes)."""
+    return next(data.batches(data.pool(S.streams[0], 0, normalize=S.config.data.normalize), S.config.batch_size))["x"]
+
+
 def _init_fn(S: Setup):
-    sample = next(data.batches(data.pool(S.streams[0], 0, normalize=S.config.data.normalize), S.config.batch_size))
+    sample = _sample(S)
 
-    def init(rng):
-        state = S.method.init(rng, sample["x"])
-        return state.replace(opt_state=S.tx.init(state.params))
+    def make(m, tx):
+        def init(rng):
+            state = m.init(rng, sample)
+            return state.replace(opt_state=tx.init(state.params))
+        return init
 
-    return jax.jit(S.lift(init, 0), out_shardings=sharding.replicated(S.mesh))
+    return jax.jit(S.lift(make, (0,)), out_shardings=sharding.replicated(S.mesh))
 
 
 def _keys(S: Setup) -> jax.Array:
@@ -371,8 +456,11 @@ class _Logger:
         return means
 
 
-def _seed_words(S: Setup, r: int) -> str:
-    return f"seed {S.seeds[r]}, " if S.multi else ""
+def _run_phase(S: Setup, r: int, t: int, p: int):
+    """Phase ``p`` of task ``t`` as run ``r`` sees it (a swept value may set its lr)."""
+    if S.settings[r] and any(k.startswith("method.") for k in S.settings[r]):
+        return methods.build(S.run_configs[r], S.model, S.info).phases(t)[p]
+    return S.method.phases(t)[p]
 
 
 def train_task(S: Setup, state, t: int, pos: Position, record: dict, hooks) -> State:
@@ -409,7 +497,9 @@ def train_task(S: Setup, state, t: int, pos: Position, record: dict, hooks) -> S
         hooks.clock_start()
         for e in range(first_epoch, phase.epochs):
             if hasattr(state.opt_state, "hyperparams"):
-                lr = optim.lr_at(cfg.optimizer, e, phase.epochs, phase)
+                lr = [optim.lr_at(rc.optimizer, e, phase.epochs, _run_phase(S, r, t, p)) for r, rc in
+                      enumerate(S.run_configs or [cfg])]
+                lr = lr[0] if S.R == 1 else np.asarray(lr, np.float32)
                 state = state.replace(opt_state=jax.device_put(optim.with_lr(state.opt_state, lr),
                                                                sharding.replicated(S.mesh)))
             orders = [data.epoch_order(n, S.seeds[r], t, p, e) for r, n in enumerate(sizes)]
@@ -493,7 +583,8 @@ def run_results(S: Setup, state, r: int, run_record: dict, record: dict) -> dict
         "devices": {"count": int(S.mesh.devices.size), "platform": jax.devices()[0].platform,
                     "kind": jax.devices()[0].device_kind},
         "versions": {"jax": jax.__version__, "python": platform.python_version()},
-        "config": (_with_seed(cfg, S.seeds[r]) if S.multi else cfg).to_dict(),
+        "setting": S.settings[r],
+        "config": S.run_configs[r].to_dict(),
     }
 
 
@@ -503,7 +594,7 @@ def summary(runs: list[dict]) -> dict:
     R = np.asarray([x["accuracy_matrix"] for x in runs])
     first = runs[0]
     out = {k: first[k] for k in ("method", "benchmark", "scenario", "num_tasks", "model", "data_path",
-                                 "steps_per_call", "runs_in_program", "wall_s", "train_s", "config")}
+                                 "steps_per_call", "runs_in_program", "wall_s", "train_s", "setting", "config")}
     out["seeds"] = [x["seed"] for x in runs]
     out["accuracy_matrix"] = R.mean(0).tolist()
     out["accuracy_matrix_std"] = R.std(0).tolist()
@@ -542,7 +633,7 @@ class _Hooks:
                  if latest is not None else "no checkpoint had been written yet, so a resume starts from the "
                  "beginning")
         raise NonFiniteLossError(
-            f"the loss is not finite (NaN or inf) at {_seed_words(self.S, r)}task {t}, phase {phase!r}, epoch {epoch}: "
+            f"the loss is not finite (NaN or inf) at {self.S.run_words(r)}task {t}, phase {phase!r}, epoch {epoch}: "
             f"global step {step} (step {step - start} of the task); {saved}. Lower optimizer.lr or check the data")
 
     def save(self, state, at: Position) -> None:
@@ -580,7 +671,7 @@ def run(config, workdir: str | Path, *, resume: bool = False, echo: Callable[[st
             ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
             cleanup.callback(ckpt.close)
             state, pos, record = _restore_or_init(S, ckpt, resume, workdir, echo)
-            run_dirs = [workdir / f"seed_{s}" for s in S.seeds] if S.multi else [workdir]
+            run_dirs = [S.run_dir(workdir, r) for r in range(S.R)]
             writers = [logs.Writer(d, tensorboard=config.log.tensorboard) for d in run_dirs]
             for w in writers:
                 cleanup.callback(w.close)
@@ -598,7 +689,7 @@ def run(config, workdir: str | Path, *, resume: bool = False, echo: Callable[[st
                     writers[r].write("eval", int(step[r]), task=t, accuracy=row, mean_seen=float(np.mean(row[: t + 1])))
                 seen = np.mean([np.mean(row[: t + 1]) for row in rows])
                 echo(f"after task {t + 1}/{S.num_tasks}: accuracy on seen tasks {100 * seen:.2f}%"
-                     + (f" (mean of {S.R} seeds)" if S.multi else
+                     + (f" (mean of {S.R} runs)" if S.multi else
                         f"  [{' '.join(f'{100 * a:.1f}' for a in rows[0])}]"))
                 pos = Position(t + 1, 0, 0, 0)
                 hooks.save(state, pos)
@@ -628,15 +719,31 @@ def _write_results(S: Setup, state, record: dict, workdir: Path, run_dirs: list,
         res = run_results(S, state, r, record["runs"][r], record)
         report.save_results(d, res)
         if cfg.log.plots:
-            report.plot(d, res["accuracy_matrix"], title + (f" seed {S.seeds[r]}" if S.multi else ""))
+            report.plot(d, res["accuracy_matrix"], title + (f" {S.run_words(r)[:-2]}" if S.multi else ""))
         writers[r].write("results", res["train_steps"], acc=res["acc"], bwt=res["bwt"], fwt=res["fwt"],
                          forgetting=res["forgetting"])
         runs.append(res)
     if not S.multi:
         return runs[0]
-    out = summary(runs)
-    report.save_results(workdir, out, name="summary.json")
-    if cfg.log.plots:
-        report.plot(workdir, out["accuracy_matrix"], f"{title}, mean of {S.R} seeds",
-                    band=[x["accuracy_matrix"] for x in runs])
-    return {**out, "runs": runs}
+    groups = list(dict.fromkeys(config_lib.setting_name(st) for st in S.settings))
+    per_setting = []
+    for g in groups:  # mean and spread over the seeds of each setting
+        members = [x for x in runs if config_lib.setting_name(x["setting"]) == g]
+        out = summary(members)
+        where = workdir / g if g else workdir
+        if g and cfg.seeds:
+            report.save_results(where, out, name="summary.json")
+        if cfg.log.plots and len(members) > 1:
+            report.plot(where, out["accuracy_matrix"], f"{title} {g}, mean of {len(members)} seeds",
+                        band=[x["accuracy_matrix"] for x in members])
+        per_setting.append(out)
+    if not cfg.sweep:
+        out = per_setting[0]
+        report.save_results(workdir, out, name="summary.json")
+        return {**out, "runs": runs}
+    top = {k: runs[0][k] for k in ("method", "benchmark", "scenario", "num_tasks", "model", "data_path",
+                                   "steps_per_call", "runs_in_program", "config")}
+    top.update(wall_s=record["wall_s"], train_s=record["train_s"], sweep=list(cfg.sweep),
+               seeds=list(config_lib.run_seeds(cfg)), settings=per_setting)
+    report.save_results(workdir, top, name="summary.json")
+    return {**top, "runs": runs}

@@ -151,3 +151,34 @@ def test_bad_loop_settings_are_refused_by_name(make_config, tmp_path, monkeypatc
     assert not (tmp_path / "y").exists()  # refused before anything was written
     r = jaxcl.run(make_config(data__on_device="auto", epochs=1), tmp_path / "z", echo=quiet)
     assert r["data_path"] == "host"  # auto: it does not fit this budget
+
+
+def test_each_setting_of_a_sweep_equals_its_single_run(make_config, tmp_path):
+    sweep = "('optimizer.lr=0.05,0.01', 'method.ewc_lambda=1,1000')"
+    res = jaxcl.run(make_config("split_digits:method=ewc", epochs=1, sweep=sweep), tmp_path / "sweep", echo=quiet)
+    assert res["runs_in_program"] == 4 and len(res["settings"]) == 4
+    by = {(r["setting"]["optimizer.lr"], r["setting"]["method.ewc_lambda"]): r["accuracy_matrix"] for r in res["runs"]}
+    for lr, lam in ((0.05, 1000.0), (0.01, 1.0)):
+        single = jaxcl.run(make_config("split_digits:method=ewc", epochs=1, optimizer__lr=lr, method__ewc_lambda=lam),
+                           tmp_path / f"{lr}-{lam}", echo=quiet)
+        chex.assert_trees_all_close(by[(lr, lam)], single["accuracy_matrix"], atol=0.005)
+        saved = json.loads((tmp_path / "sweep" / f"optimizer.lr={lr:g},method.ewc_lambda={lam:g}" / "results.json")
+                           .read_text())
+        assert saved["config"]["optimizer"]["lr"] == lr and saved["config"]["method"]["ewc_lambda"] == lam
+    assert by[(0.05, 1000.0)] != by[(0.05, 1.0)]  # the swept lambda really enters the computation
+    assert json.loads((tmp_path / "sweep" / "summary.json").read_text())["sweep"] == list(eval(sweep))
+
+
+@pytest.mark.parametrize("entry,message", [
+    ("batch_size=16,32", "batch_size is structural"),
+    ("method.fisher=1,2", "method.fisher is structural"),
+    ("model.dropout=0.1,0.2", "model.dropout is structural"),
+    ("optimizer.lr=0.1,fast", "'fast' is not a number"),
+    ("optimizer.lr=0.1,0.1", "given more than once"),
+    ("method.ewc_lamda=1,2", "unknown config key 'method.ewc_lamda'"),
+    ("optimizer.grad_clip=1,2", "uses optimizer.grad_clip as a Python value"),  # found by tracing, before training
+])
+def test_a_sweep_the_program_cannot_take_is_refused_by_name(make_config, tmp_path, entry, message):
+    with pytest.raises(jaxcl.ConfigError, match=message):
+        jaxcl.run(make_config("split_digits:method=ewc", epochs=1, sweep=f"('{entry}',)"), tmp_path / "w", echo=quiet)
+    assert not (tmp_path / "w").exists()

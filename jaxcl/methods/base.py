@@ -216,7 +216,10 @@ def tree_set(stacked: PyTree, index, tree: PyTree) -> PyTree:
 
 
 def need(ok: bool, key: str, message: str) -> None:
-    """Refuse ``method.<key>`` with ``message`` unless ``ok``."""
+    """Refuse ``method.<key>`` with ``message`` unless ``ok``. A traced value (a
+    ``--sweep`` setting, each of whose values was checked as a number) passes."""
+    if isinstance(ok, jax.core.Tracer):
+        return
     if not ok:
         raise ConfigError(f"method.{key}: {message}")
 
