@@ -13,6 +13,12 @@ model predicts:
 Streams: ``split`` (classes partitioned into tasks), ``permuted`` (a fixed pixel
 permutation per task), ``rotated`` (a fixed rotation per task) and ``multi`` (one dataset
 per task, brought to one input shape). Everything is determined by ``seed``.
+
+``data.pipeline=grain`` builds the same streams over :class:`~jaxcl.data.sources.LazyImages`:
+each task holds indices into its source and the transforms of its images (pad/crop,
+permutation, rotation), not the pixels, and the grain pipeline
+(:mod:`jaxcl.data.pipeline`) reads them. Every transform is one function applied to a
+whole array (memory) or to one image (grain), so both give the same pixels.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxcl.data.sources import DataError, Dataset, load
+from jaxcl.data.sources import DataError, Dataset, LazyImages, load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +71,8 @@ class Stream:
     scenario: str
     tasks: tuple
     allow_missing_classes: bool = dataclasses.field(default=False, repr=False)  # data.allow_missing_classes
+    pipeline: str = dataclasses.field(default="memory", repr=False, compare=False)  # memory | grain (images lazy)
+    pipeline_why: str = dataclasses.field(default="", repr=False, compare=False)  # why (data.pipeline=auto)
 
     def __post_init__(self):
         if self.scenario not in ("task", "class", "domain"):
@@ -143,19 +151,37 @@ class Stream:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std on the 0..1 scale, over (at most) 10k images."""
-    sample = np.asarray(x[:10000], dtype=np.float64) / 255.0
-    mean = sample.mean(axis=(0, 1, 2))
-    std = sample.std(axis=(0, 1, 2))
+def _channel_stats(x) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std on the 0..1 scale, over (at most) the first 10k images,
+    summed in float64 1,000 images at a time (the same numbers for an array in memory
+    and for lazy images, without holding 10k large images as float64)."""
+    n = min(len(x), 10000)
+    s1 = s2 = 0.0
+    for lo in range(0, n, 1000):
+        chunk = np.asarray(x[lo:min(lo + 1000, n)], dtype=np.float64) / 255.0
+        s1 = s1 + chunk.sum(axis=(0, 1, 2))
+        s2 = s2 + np.square(chunk).sum(axis=(0, 1, 2))
+    count = n * int(np.prod(x.shape[1:3]))
+    mean = s1 / count
+    std = np.sqrt(np.maximum(s2 / count - mean ** 2, 0.0))
     return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
+def _rows(x, sel):
+    """``x[sel]``; for lazy images a view of those rows (nothing is read)."""
+    return x.rows(sel) if isinstance(x, LazyImages) else x[sel]
+
+
+def _apply(fn, x, shape):
+    """``fn`` (a transform of a whole array) on ``x``; lazily, per image, for lazy images."""
+    return x.then(fn, shape) if isinstance(x, LazyImages) else fn(x)
 
 
 def _subset(x, y, limit: int, rng: np.random.Generator):
     if limit and len(x) > limit:
         idx = np.sort(rng.choice(len(x), size=limit, replace=False))
-        return x[idx], y[idx]
-    return np.asarray(x), np.asarray(y)
+        return _rows(x, idx), y[idx]
+    return (x if isinstance(x, LazyImages) else np.asarray(x)), np.asarray(y)
 
 
 def _make_task(name, x_tr, y_tr, x_te, y_te, classes, mean, std, limits, rng) -> Task:
@@ -207,7 +233,7 @@ def split(ds: Dataset, num_tasks: int, classes_per_task: int, *, scenario: str =
         tr, te = np.isin(ds.y_train, cls), np.isin(ds.y_test, cls)
         tasks.append(_make_task(
             f"{ds.name}[{','.join(map(str, cls))}]",
-            ds.x_train[tr], lut[ds.y_train[tr]], ds.x_test[te], lut[ds.y_test[te]],
+            _rows(ds.x_train, tr), lut[ds.y_train[tr]], _rows(ds.x_test, te), lut[ds.y_test[te]],
             cls, mean, std, limits, rng,
         ))
     return Stream(f"split_{ds.name}", scenario, tuple(tasks), allow_missing_classes)
@@ -223,8 +249,35 @@ def _per_task_stream(ds: Dataset, kind: str, num_tasks: int, transform, scenario
     for t in range(num_tasks):
         (xtr, ytr), (xte, yte) = base
         f, label = transform(t)
-        tasks.append(Task(f"{ds.name}-{kind}{label}", f(xtr), ytr, f(xte), yte, cls, mean, std))
+        tasks.append(Task(f"{ds.name}-{kind}{label}", _apply(f, xtr, xtr.shape[1:]), ytr, _apply(f, xte, xte.shape[1:]),
+                          yte, cls, mean, std))
     return Stream(f"{kind}_{ds.name}", scenario, tuple(tasks), allow_missing_classes)
+
+
+class _Permute:
+    """A fixed permutation of the pixels of every image of an array (picklable: grain
+    workers apply it)."""
+
+    def __init__(self, perm):
+        self.perm = perm
+
+    def __call__(self, x):
+        n = len(self.perm)
+        return np.ascontiguousarray(np.asarray(x).reshape(len(x), n)[:, self.perm].reshape(x.shape))
+
+
+class _Rotate:
+    """Every image of an array rotated by ``angle`` degrees, bilinear, zero fill."""
+
+    def __init__(self, angle: float):
+        self.angle = angle
+
+    def __call__(self, x):
+        from scipy import ndimage
+
+        x = np.asarray(x, np.float32)
+        r = ndimage.rotate(x, self.angle, axes=(1, 2), reshape=False, order=1, mode="constant", cval=0.0)
+        return np.clip(np.round(r), 0, 255).astype(np.uint8)
 
 
 def permuted(ds: Dataset, num_tasks: int, *, scenario: str = "domain", seed: int = 0,
@@ -236,9 +289,7 @@ def permuted(ds: Dataset, num_tasks: int, *, scenario: str = "domain", seed: int
     perms = [rng.permutation(n) for _ in range(num_tasks)]
 
     def transform(t):
-        def f(x):
-            return np.ascontiguousarray(np.asarray(x).reshape(len(x), n)[:, perms[t]].reshape(x.shape))
-        return f, str(t)
+        return _Permute(perms[t]), str(t)
 
     return _per_task_stream(ds, "permuted", num_tasks, transform, scenario, seed, limits, allow_missing_classes)
 
@@ -247,26 +298,32 @@ def rotated(ds: Dataset, num_tasks: int, *, angles: Sequence[float] = (), max_an
             scenario: str = "domain", seed: int = 0, limits=(0, 0), allow_missing_classes: bool = False) -> Stream:
     """Each task rotates every image by its own angle (default: evenly spaced in
     [0, max_angle)), bilinear, zero fill."""
-    from scipy import ndimage
-
     angles = list(angles) if angles else [max_angle * t / num_tasks for t in range(num_tasks)]
     if len(angles) != num_tasks:
         raise DataError(f"data.angles: {len(angles)} angles given for {num_tasks} tasks")
 
     def transform(t):
-        def f(x):
-            x = np.asarray(x, np.float32)
-            r = ndimage.rotate(x, angles[t], axes=(1, 2), reshape=False, order=1, mode="constant", cval=0.0)
-            return np.clip(np.round(r), 0, 255).astype(np.uint8)
-        return f, f"{angles[t]:g}"
+        return _Rotate(angles[t]), f"{angles[t]:g}"
 
     return _per_task_stream(ds, "rotated", num_tasks, transform, scenario, seed, limits, allow_missing_classes)
 
 
+class _ToShape:
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def __call__(self, x):
+        return _to_shape(x, self.shape)
+
+
 def _to_shape(x: np.ndarray, shape: tuple) -> np.ndarray:
     """Zero-pad (centred) or centre-crop to (H, W) and repeat greyscale to C channels."""
-    x = np.asarray(x)
     h, w, c = shape
+    if isinstance(x, LazyImages):
+        if x.shape[3] not in (1, c):
+            raise DataError(f"cannot bring {x.shape[3]}-channel images to {c} channels")
+        return x if x.shape[1:] == tuple(shape) else x.then(_ToShape(shape), shape)
+    x = np.asarray(x)
     if x.shape[3] != c:
         if x.shape[3] != 1:
             raise DataError(f"cannot bring {x.shape[3]}-channel images to {c} channels")
@@ -306,7 +363,7 @@ def multi(datasets: Sequence[Dataset], *, scenario: str = "task", classes_per_ta
             cls = list(range(start, start + size))
             tr, te = np.isin(d.y_train, cls), np.isin(d.y_test, cls)
             name = d.name if size == d.num_classes else f"{d.name}[{start}-{start + size - 1}]"
-            tasks.append(_make_task(name, xtr[tr], d.y_train[tr] - start, xte[te], d.y_test[te] - start, cls,
+            tasks.append(_make_task(name, _rows(xtr, tr), d.y_train[tr] - start, _rows(xte, te), d.y_test[te] - start, cls,
                                     mean, std, limits, rng))
     return Stream("multi_" + "_".join(d.name for d in datasets), scenario, tuple(tasks), allow_missing_classes)
 
@@ -321,37 +378,84 @@ def _select(stream: Stream, keep) -> Stream:
     return dataclasses.replace(stream, tasks=tuple(stream.tasks[k] for k in keep))
 
 
+def _materialise(ds: Dataset) -> Dataset:
+    """``ds`` with its lazy images read into memory."""
+    return dataclasses.replace(ds, x_train=np.asarray(ds.x_train), x_test=np.asarray(ds.x_test))
+
+
+def host_budget(configured_mb: float = 0) -> tuple[int, str]:
+    """(bytes of images data.pipeline=auto keeps in memory, where that figure comes from)."""
+    import os
+
+    if configured_mb:
+        return int(configured_mb * 2**20), f"data.memory_budget_mb={configured_mb:g}"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // 4, f"a quarter of the host's {total / 2**30:.1f} GiB"
+
+
+def _choose(cfg, datasets) -> tuple[str, str]:
+    """``data.pipeline=auto``: memory when the images the stream is built from fit the
+    budget (an upper bound: before train/test limits), else grain; and why."""
+    d = cfg.data
+    shape = tuple(d.image_shape) if d.stream == "multi" and d.image_shape else None
+    need = sum((len(ds.x_train) + len(ds.x_test)) * int(np.prod(shape or ds.image_shape)) for ds in datasets)
+    need *= cfg.num_tasks if d.stream in ("permuted", "rotated") else 1
+    budget, where = host_budget(d.get("memory_budget_mb", 0))
+    fits = need <= budget
+    return ("memory" if fits else "grain"), (f"data.pipeline=auto: {need / 2**20:.1f} MiB of images "
+                                             f"{'within' if fits else 'over'} the budget of {budget / 2**20:.1f} MiB "
+                                             f"({where})")
+
+
 def build(cfg) -> Stream:
-    """The stream a run config describes (``cfg.data``, ``cfg.num_tasks``, ``cfg.scenario``)."""
+    """The stream a run config describes (``cfg.data``, ``cfg.num_tasks``, ``cfg.scenario``).
+    ``data.pipeline`` grain (or auto, when the images do not fit the budget) builds it
+    over lazy images; ``stream.pipeline`` says which, ``stream.pipeline_why`` why."""
     d = cfg.data
     limits = (d.train_limit, d.test_limit)
     num_classes = d.get("num_classes", 0)  # declared classes of data.name (0: its own, or found)
     allow = d.get("allow_missing_classes", False)  # a task may miss a class in a split
+    pipeline = d.get("pipeline", "memory")
+    why = f"data.pipeline={pipeline}"
 
     def get(name, num_classes=0):
         return load(name, d.source, d.dir, label_key=d.label_key, download=d.download, tfds_dir=d.tfds_dir,
-                    num_classes=num_classes)
+                    num_classes=num_classes, image_size=d.get("image_size", 0), lazy=pipeline != "memory")
 
     if d.stream == "multi":
         if num_classes:
             raise DataError("data.num_classes declares the classes of data.name; a multi stream takes each "
                             "dataset's own")
-        stream = multi([get(n) for n in d.datasets], scenario=cfg.scenario, classes_per_task=d.classes_per_task,
+        datasets = [get(n) for n in d.datasets]
+    else:
+        if d.tasks:
+            raise DataError("data.tasks selects tasks of multi streams only")
+        if d.stream not in ("split", "permuted", "rotated"):
+            raise DataError(f"data.stream: {d.stream!r} is not one of split, permuted, rotated, multi")
+        datasets = [get(d.name, num_classes)]
+    if pipeline == "auto":
+        pipeline, why = _choose(cfg, datasets)
+        if pipeline == "memory":
+            datasets = [_materialise(ds) for ds in datasets]
+    stream = _build(cfg, datasets, limits, allow)
+    return dataclasses.replace(stream, pipeline=pipeline, pipeline_why=why)
+
+
+def _build(cfg, datasets, limits, allow) -> Stream:
+    d = cfg.data
+    if d.stream == "multi":
+        stream = multi(datasets, scenario=cfg.scenario, classes_per_task=d.classes_per_task,
                        seed=cfg.seed, limits=limits, shape=tuple(d.image_shape), allow_missing_classes=allow)
         stream = _select(stream, d.tasks)
         if len(stream) != cfg.num_tasks:
             raise DataError(f"data.datasets {list(d.datasets)} with data.classes_per_task={d.classes_per_task} "
                             f"make {len(stream)} tasks but num_tasks is {cfg.num_tasks}")
         return stream
-    if d.tasks:
-        raise DataError("data.tasks selects tasks of multi streams only")
-    ds = get(d.name, num_classes)
+    ds = datasets[0]
     common = dict(scenario=cfg.scenario, seed=cfg.seed, limits=limits, allow_missing_classes=allow)
     if d.stream == "split":
         return split(ds, cfg.num_tasks, d.classes_per_task, class_order=d.class_order,
                      shuffle_classes=d.shuffle_classes, superclasses=d.superclass_tasks, **common)
     if d.stream == "permuted":
         return permuted(ds, cfg.num_tasks, **common)
-    if d.stream == "rotated":
-        return rotated(ds, cfg.num_tasks, angles=d.angles, max_angle=d.max_angle, **common)
-    raise DataError(f"data.stream: {d.stream!r} is not one of split, permuted, rotated, multi")
+    return rotated(ds, cfg.num_tasks, angles=d.angles, max_angle=d.max_angle, **common)
