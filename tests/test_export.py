@@ -1,0 +1,27 @@
+"""Portable by construction: the loop's compiled calls lower for GPU and TPU with no such
+device present (jax.export), so nothing CPU-only enters the program. Checked for the
+scanned train call of every method, alone and vmapped over seeds."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcl import methods, train
+
+
+@pytest.mark.parametrize("name", methods.available())
+def test_the_scanned_and_the_seed_vmapped_train_calls_export_for_cuda_and_tpu(make_config, name):
+    sets = {"data__classes_per_task": 2}
+    if name in ("clr", "sgd_ll"):
+        sets["model__name"] = "cnn"  # a conv trunk to reprogram
+    for seeds in ("()", "(0, 1)"):
+        S = train.setup(make_config(f"split_digits:method={name}", seeds=seeds, loop__steps_per_call=2,
+                                    data__on_device="true", **sets))
+        state = train._init_fn(S)(train._keys(S))
+        B = S.config.batch_size
+        xs = S.feed.train_items(S.pool_tasks(0), [np.arange(4 * B)] * S.R, range(2), B, 2)
+        phase = S.method.phases(0)[0].name
+        exported = jax.export.export(S.fns["train"](phase), platforms=["cuda", "tpu"])(
+            state, S.src.get("train"), xs, jnp.int32(0))
+        assert exported.platforms == ("cuda", "tpu")
+        assert "stablehlo.while" in exported.mlir_module()  # the K steps are one loop in the program
