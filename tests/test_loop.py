@@ -182,3 +182,10 @@ def test_a_sweep_the_program_cannot_take_is_refused_by_name(make_config, tmp_pat
     with pytest.raises(jaxcl.ConfigError, match=message):
         jaxcl.run(make_config("split_digits:method=ewc", epochs=1, sweep=f"('{entry}',)"), tmp_path / "w", echo=quiet)
     assert not (tmp_path / "w").exists()
+
+
+def test_a_nan_in_one_run_of_many_names_that_run(make_config, tmp_path):
+    c = make_config("split_digits:method=finetune", epochs=1, seeds="(0, 1)", sweep="('optimizer.lr=0.01,1e30',)")
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"not finite .* at optimizer.lr=1e\+30 seed 0, task 0, phase 'train', epoch 0: global step 1 "):
+        jaxcl.run(c, tmp_path, echo=quiet)
