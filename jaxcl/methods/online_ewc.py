@@ -23,7 +23,7 @@ def defaults() -> dict:
 def validate(config) -> None:
     m = config.method
     base.check_range(m, "ewc_lambda", 0)
-    base.need(0.0 <= m.decay <= 1.0, "decay", f"{m.decay} is not in [0, 1]")
+    base.need((m.decay >= 0.0) & (m.decay <= 1.0), "decay", f"{m.decay} is not in [0, 1]")
     ewc.check_estimate(m.fisher)
 
 
