@@ -315,8 +315,9 @@ def _cache_root() -> Path:
 def load_npz(path: Path, name: str | None = None, num_classes: int = 0, image_size: int = 0,
              lazy: bool = False) -> Dataset:
     """Read a ``.npz`` of uint8 arrays; its classes are ``num_classes`` if given, else
-    those of :data:`NUM_CLASSES` for a known name, else those found in ``y_train``. LZMA-compressed files (such as cifar10.npz) take
-    seconds to inflate, so their arrays are cached once as ``.npy`` and memory-mapped."""
+    those of :data:`NUM_CLASSES` for a known name, else those found in ``y_train``.
+    LZMA-compressed files (such as cifar10.npz) take seconds to inflate, so their arrays
+    are cached once as ``.npy`` and memory-mapped."""
     path = Path(path)
     name = name or path.stem
     if not path.exists():
@@ -359,7 +360,8 @@ def load_npz(path: Path, name: str | None = None, num_classes: int = 0, image_si
             arrays[j] = LazyImages(reader, np.arange(len(arrays[j])), _lazy_shape(name, arrays[j].shape[1:], image_size))
         else:
             arrays[j] = _resize_all(arrays[j], image_size)
-    return checked(name, *arrays[:4], num_classes=num_classes or NUM_CLASSES.get(name), coarse=tuple(arrays[4:6]) if len(arrays) == 6 else None)
+    return checked(name, *arrays[:4], num_classes=num_classes or NUM_CLASSES.get(name),
+                   coarse=tuple(arrays[4:6]) if len(arrays) == 6 else None)
 
 
 def load_tfds(name: str, *, label_key: str = "label", image_key: str = "image",
