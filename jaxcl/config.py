@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.pipeline = "memory"  # memory | grain | auto: arrays in host memory, or a grain pipeline streaming from disk
     c.data.image_size = 0  # resize every image to this many pixels square as it is read (0: as stored)
     c.data.grain_workers = -1  # data.pipeline=grain: worker processes that read, decode and resize (-1: half the CPUs, 0: none)
-    c.data.memory_budget_mb = 0  # data.pipeline=auto: the most MiB of images kept in memory (0: a quarter of the host's)
+    c.data.memory_budget_mb = 0.0  # data.pipeline=auto: the most MiB of images kept in memory (0: a quarter of the host's)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"  # see `jaxcl list`
