@@ -1,6 +1,9 @@
 """Command line: ``jaxcl run | report | list``.
 
-    jaxcl run [CONFIG[:ARG]] [--set KEY=VALUE ...] [--seeds S ...] [--sweep KEY=v1,v2 ...] [--workdir DIR] [--resume]
+    jaxcl run [CONFIG[:ARG]] [--set KEY=VALUE ...] [--seeds S ...] [--sweep KEY=v1,v2 ...] [--workdir DIR]
+              [--resume | --resume-from N] [--allow-change KEY ...]
+              [--coordinator HOST:PORT --num-processes N --process-id I | --distributed]
+    jaxcl launch --local N [--devices-per-process D] [CONFIG] [run options]
     jaxcl report WORKDIR [WORKDIR ...]
     jaxcl list
 """
@@ -27,6 +30,12 @@ def _workdir_for(config, resume: bool) -> Path:
 
 
 def cmd_run(args) -> int:
+    from jaxcl import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
+                           heartbeat_s=args.heartbeat_timeout)
+    import jax
+
     import jaxcl
     from jaxcl import config as config_lib
 
@@ -40,14 +49,37 @@ def cmd_run(args) -> int:
     if args.sweep:
         config = config_lib.override(config, [f"sweep={tuple(args.sweep)!r}"])
     config_lib.validate(config)
-    workdir = Path(args.workdir) if args.workdir else _workdir_for(config, args.resume)
-    print(f"jaxcl: {config.benchmark} / {config.method.name} ({config.scenario}-incremental) -> {workdir}",
-          flush=True)
-    results = jaxcl.run(config, workdir, resume=args.resume)
-    print()
-    print(jaxcl.report.summary_table(results))
-    print(f"\nresults: {workdir / ('summary.json' if 'seeds' in results else 'results.json')}")
+    resume = args.resume or args.resume_from is not None
+    if jax.process_count() > 1 and not args.workdir:
+        raise config_lib.ConfigError("a multi-process run needs --workdir (the same folder for every process)")
+    workdir = Path(args.workdir) if args.workdir else _workdir_for(config, resume)
+    primary = jax.process_index() == 0
+    if primary:
+        print(f"jaxcl: {config.benchmark} / {config.method.name} ({config.scenario}-incremental) -> {workdir}"
+              + (f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""), flush=True)
+    results = jaxcl.run(config, workdir, resume=resume, resume_from=args.resume_from,
+                        allow_change=tuple(args.allow_change), echo=print if primary else (lambda s: None))
+    if primary:
+        print()
+        print(jaxcl.report.summary_table(results))
+        print(f"\nresults: {workdir / ('summary.json' if 'seeds' in results else 'results.json')}")
     return 0
+
+
+def cmd_launch(args, rest: list[str]) -> int:
+    """``jaxcl run`` as N processes on this host, one workdir for all."""
+    from jaxcl import distributed
+
+    if args.local < 1 or args.devices_per_process < 1:
+        raise SystemExit("jaxcl launch: --local and --devices-per-process must be >= 1")
+    if "--workdir" not in rest and not any(a.startswith("--workdir=") for a in rest):
+        import jaxcl
+
+        config = jaxcl.get_config(next((a for a in rest if not a.startswith("-")), None))
+        rest = rest + ["--workdir", str(_workdir_for(config, "--resume" in rest))]
+    command = [sys.executable, "-m", "jaxcl.cli", "run", *rest]
+    return distributed.launch_local(args.local, command, devices_per_process=args.devices_per_process,
+                                    grace_s=args.grace)
 
 
 def cmd_report(args) -> int:
@@ -94,7 +126,27 @@ def parser() -> argparse.ArgumentParser:
                    help="train every value of a numeric hyperparameter at once in one program (repeatable: a grid)")
     r.add_argument("--workdir", default=None, help="where results and checkpoints go (default: runs/...)")
     r.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
+    r.add_argument("--resume-from", type=int, default=None, metavar="N",
+                   help="continue from checkpoint N (e.g. the newest intact one; newer ones are set aside)")
+    r.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="on resume, accept a new value of KEY (optimizer.lr after a NaN); recorded in results.json")
+    g = r.add_argument_group("several processes (jax.distributed)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--distributed", action="store_true",
+                   help="join the job jax.distributed.initialize() detects (TPU pod, SLURM, Open MPI, ...)")
+    g.add_argument("--heartbeat-timeout", type=int, default=30, metavar="S",
+                   help="seconds after which a silent process counts as dead and the others stop")
     r.set_defaults(fn=cmd_run)
+    la = sub.add_parser("launch", help="run `jaxcl run` as several processes on this host",
+                        description="jaxcl launch --local N [--devices-per-process D] [CONFIG] [run options]")
+    la.add_argument("--local", type=int, required=True, metavar="N", help="processes to start on this host")
+    la.add_argument("--devices-per-process", type=int, default=1, metavar="D",
+                    help="CPU: virtual devices per process; GPU: GPUs per process")
+    la.add_argument("--grace", type=float, default=30.0, metavar="S",
+                    help="seconds the others get to stop by themselves after one process fails")
+    la.set_defaults(fn=cmd_launch)
     rep = sub.add_parser("report", help="compare finished runs")
     rep.add_argument("workdirs", nargs="+")
     rep.set_defaults(fn=cmd_report)
@@ -104,16 +156,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args, rest = parser().parse_known_args(argv)
+    if rest and args.fn is not cmd_launch:
+        parser().parse_args(argv)  # the usual message for an unknown option
     from jaxcl.checkpoint import CheckpointError
-    from jaxcl.config import ConfigError
-    from jaxcl.data import DataError
-    from jaxcl.sharding import ShardingError
+    from jaxcl.distributed import DistributedError
     from jaxcl.train import NonFiniteLossError, RunError
 
     try:
-        return args.fn(args)
-    except (ConfigError, DataError, CheckpointError, NonFiniteLossError, RunError, ShardingError) as e:
+        return args.fn(args, rest) if args.fn is cmd_launch else args.fn(args)
+    except (ValueError, CheckpointError, NonFiniteLossError, RunError, DistributedError) as e:
+        # ConfigError, DataError and ShardingError are ValueErrors: a setting or input
+        # the run cannot use, said in one line
         print(f"jaxcl: error: {e}", file=sys.stderr)
         return 2
 

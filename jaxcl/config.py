@@ -65,6 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.label_key = "label"  # TFDS feature holding the label (cifar100: coarse_label)
     c.data.download = False  # let TFDS download and prepare a missing dataset
     c.data.tfds_dir = ""  # TFDS data_dir (default: TFDS's own)
+    c.data.num_classes = 0  # classes of data.name (0: the dataset's own, or those found in y_train)
+    c.data.allow_missing_classes = False  # let a task hold a class with no training or test samples
     c.data.on_device = "auto"  # auto | true | false: keep the stream in device memory (auto: when it fits)
     c.data.pipeline = "memory"  # memory | grain | auto: arrays in host memory, or a grain pipeline streaming from disk
     c.data.image_size = 0  # resize every image to this many pixels square as it is read (0: as stored)
@@ -113,7 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.loop.steps_per_call = "auto"  # train steps per compiled call (a lax.scan); auto or an integer >= 1
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # devices on the `data` axis (-1: all visible devices)
+    c.mesh.data = -1  # devices on the `data` axis (-1: all the devices `fsdp` leaves)
+    c.mesh.fsdp = 1  # devices on the `fsdp` axis: parameters and the trees that shadow them are split along it
+    c.mesh.min_shard_bytes = 65536  # leaves smaller than this (counted as float32) stay replicated
     return c
 
 
@@ -271,6 +275,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.model.init in ("torch", "flax"), f"model.init: {c.model.init!r} is not one of torch, flax")
     need(c.model.dtype in ("float32", "bfloat16"), f"model.dtype: {c.model.dtype!r} is not one of float32, bfloat16")
     need(c.data.train_limit >= 0 and c.data.test_limit >= 0, "data.train_limit/test_limit: must be >= 0")
+    need(c.data.num_classes >= 0, f"data.num_classes: must be >= 0, got {c.data.num_classes}")
     need(str(c.data.on_device).lower() in ("auto", "true", "false"),
          f"data.on_device: {c.data.on_device!r} is not one of auto, true, false")
     need(c.data.pipeline in ("memory", "grain", "auto"),
@@ -284,6 +289,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     dup = sorted({s for s in seeds if seeds.count(s) > 1})
     need(not dup, f"seeds: {dup} given more than once")
     sweep_settings(c)
+    need(c.mesh.fsdp >= 1, f"mesh.fsdp: must be >= 1, got {c.mesh.fsdp}")
     need(c.mesh.data == -1 or c.mesh.data >= 1, f"mesh.data: must be -1 (all devices) or >= 1, got {c.mesh.data}")
     method_module(c.method.name).validate(c)
 

@@ -34,3 +34,13 @@ class Writer:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class NullWriter:
+    """What the processes other than process 0 log: nothing (one writer per run)."""
+
+    def write(self, kind: str, step: int, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

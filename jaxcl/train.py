@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from jaxcl import checkpoint as ckpt_lib
 from jaxcl import config as config_lib
-from jaxcl import data, logs, methods, metrics, models, optim, report, sharding
+from jaxcl import data, distributed, logs, methods, metrics, models, optim, report, sharding
 from jaxcl.data import feed as feed_lib
 from jaxcl.methods.base import State
 from jaxcl.models import torch_weights
@@ -176,6 +176,7 @@ class Setup:
     fns: dict  # compiled functions, per phase where the phase is static
     run_configs: list = dataclasses.field(default_factory=list)  # each run's own config (its seed and setting)
     hp: dict = dataclasses.field(default_factory=dict)  # swept values traced into the program: KEY -> [R]
+    state_sharding: object = None  # a NamedSharding per State leaf (sharding.RULES)
 
     @property
     def R(self) -> int:
@@ -261,7 +262,7 @@ def setup(config) -> Setup:
     # runs share one program; a single run takes its own (swept) values as constants
     base = run_configs[0] if len(runs) == 1 else config
     method = methods.build(base, model, info)
-    mesh = sharding.make_mesh(config.mesh.data)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch(config.batch_size, mesh, "batch_size")
     sharding.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
     smallest = min(len(t.x_train) for s in streams for t in s.tasks)
@@ -279,17 +280,19 @@ def setup(config) -> Setup:
                      for r in range(S.R) for t in range(S.num_tasks))
         k = max(1, min(AUTO_STEPS_PER_CALL, fewest))
     S.steps_per_call = k
-    S.src = {split: jax.device_put(feed.src(split), sharding.replicated(mesh)) for split in ("train", "test")
+    S.src = {split: sharding.put(feed.src(split), sharding.replicated(mesh)) for split in ("train", "test")
              if feed.src(split) is not None}
-    _compile(S)
     if S.hp:
         _check_sweep(S)
+    S.state_sharding = sharding.state_shardings(jax.eval_shape(S.lift(_make_init(S), (0,)), _keys(S)), mesh,
+                                                lead=int(S.R > 1), min_bytes=config.mesh.min_shard_bytes)
+    _compile(S)
     return S
 
 
 def _compile(S: Setup) -> None:
     """The jitted functions; those with a static phase are made per phase on first use."""
-    rep = sharding.replicated(S.mesh)
+    rep, st = sharding.replicated(S.mesh), S.state_sharding
     res, aug = S.feed.resident, S.config.data.augment
     ia = 0 if S.feed.per_run else None  # evaluation/consolidation items: per run or shared
     sa = ia if res else None  # resident arrays: per run when the streams differ
@@ -299,14 +302,16 @@ def _compile(S: Setup) -> None:
             lambda phase: jax.jit(S.lift(lambda m, tx: functools.partial(make(m, tx), phase=phase), in_axes), **jit))
 
     S.fns["train"] = per_phase(lambda m, tx: make_train_chunk(m, tx, aug, res), (0, sa, 0, None),
-                               donate_argnums=0, out_shardings=rep)
+                               donate_argnums=0, out_shardings=(st, rep))
     S.fns["eval"] = jax.jit(S.lift(lambda m, tx: make_eval_step(m, res), (0, sa, ia, None)), out_shardings=rep)
-    S.fns["begin_task"] = jax.jit(S.lift(lambda m, tx: m.begin_task, (0, None)), donate_argnums=0, out_shardings=rep)
-    S.fns["after_phase"] = per_phase(lambda m, tx: m.after_phase, (0, None), donate_argnums=0, out_shardings=rep)
+    S.fns["begin_task"] = jax.jit(S.lift(lambda m, tx: m.begin_task, (0, None)), donate_argnums=0, out_shardings=st)
+    S.fns["after_phase"] = per_phase(lambda m, tx: m.after_phase, (0, None), donate_argnums=0, out_shardings=st)
     if S.method.consolidate is not None:
         S.fns["consolidate"] = per_phase(lambda m, tx: make_consolidate(m, res), (0, sa, ia, None),
-                                         donate_argnums=0, out_shardings=rep)
-    S.fns["reset_opt"] = jax.jit(S.lift(lambda m, tx: tx.init, (0,)), out_shardings=rep)
+                                         donate_argnums=0, out_shardings=st)
+    S.fns["reset_opt"] = jax.jit(S.lift(lambda m, tx: tx.init, (0,)), out_shardings=st.opt_state)
+    S.fns["set_lr"] = jax.jit(lambda state, lr: state.replace(opt_state=optim.with_lr(state.opt_state, lr)),
+                              donate_argnums=0, out_shardings=st)
 
 
 def _check_sweep(S: Setup) -> None:
@@ -342,7 +347,8 @@ def _items(S: Setup, tree, batch_axis: int):
     """Host items -> device arrays, split along ``data`` on their batch axis (leaves
     without one, such as a chunk's ``active`` flags, are replicated)."""
     split, rep = sharding.batch_sharding(S.mesh, batch_axis), sharding.replicated(S.mesh)
-    return jax.device_put(tree, jax.tree_util.tree_map(lambda a: split if np.ndim(a) > batch_axis else rep, tree))
+    return sharding.put_local(tree, jax.tree_util.tree_map(lambda a: split if np.ndim(a) > batch_axis else rep, tree),
+                              batch_axis)
 
 
 # ----------------------------------------------------------------------------- state
@@ -353,7 +359,7 @@ def _sample(S: Setup) -> np.ndarray:
     return next(data.batches(data.pool(S.streams[0], 0, normalize=S.config.data.normalize), S.config.batch_size))["x"]
 
 
-def _init_fn(S: Setup):
+def _make_init(S: Setup):
     sample = _sample(S)
 
     def make(m, tx):
@@ -362,7 +368,11 @@ def _init_fn(S: Setup):
             return state.replace(opt_state=tx.init(state.params))
         return init
 
-    return jax.jit(S.lift(make, (0,)), out_shardings=sharding.replicated(S.mesh))
+    return make
+
+
+def _init_fn(S: Setup):
+    return jax.jit(S.lift(_make_init(S), (0,)), out_shardings=S.state_sharding)
 
 
 def _keys(S: Setup) -> jax.Array:
@@ -380,13 +390,13 @@ def _load_pretrained(S: Setup, state: State, path: str, echo) -> State:
     (:mod:`jaxcl.models.torch_weights`); every run alike."""
     runs = []
     for r in range(S.R):
-        one = jax.device_get(_run_slice(S, state, r))
+        one = distributed.fetch(_run_slice(S, state, r))
         params, model_state, n_params, n_stats = torch_weights.load_pretrained(
             one.params, one.model_state, path, S.model)
         runs.append(one.replace(params=params, model_state=model_state))
     echo(f"initialised {n_params} parameter arrays and {n_stats} statistics arrays from {path}")
     state = runs[0] if S.R == 1 else jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *runs)
-    return jax.device_put(state, sharding.replicated(S.mesh))
+    return sharding.put(state, S.state_sharding)
 
 
 def _fresh_record(S: Setup) -> dict:
@@ -394,20 +404,58 @@ def _fresh_record(S: Setup) -> dict:
             "wall_s": 0.0, "train_s": 0.0, "saves": 0, "slots": 0, "task_start_step": [0] * S.R}
 
 
-def _restore_or_init(S: Setup, ckpt, resume: bool, workdir: Path, echo):
+# Keys a resume may change on purpose (--allow-change): they enter the program as values
+# set per epoch, so the restored state fits them.
+SAFE_CHANGES = ("optimizer.lr", "optimizer.schedule", "optimizer.milestones", "optimizer.gamma")
+
+
+def _allowed(ckpt, index, fingerprint: dict, allow: tuple) -> tuple[dict, list]:
+    """``fingerprint`` with the keys of ``allow`` taken from the checkpoint (so that they
+    do not count as a different config), and the changes made that way."""
+    bad = [k for k in allow if k not in SAFE_CHANGES]
+    if bad:
+        raise RunError(f"--allow-change {', '.join(bad)}: only {', '.join(SAFE_CHANGES)} may change on a resume "
+                       "(the others change what the saved state means)")
+    saved = ckpt.read_meta(index).get("config", {})
+    fp, changes = json_copy(fingerprint), []
+    for key in allow:
+        section, leaf = key.split(".")
+        old, new = saved.get(section, {}).get(leaf), fp.get(section, {}).get(leaf)
+        if old != new:
+            changes.append({"key": key, "checkpoint": old, "now": new})
+            fp[section][leaf] = old
+    return fp, changes
+
+
+def json_copy(d: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(d))
+
+
+def _restore_or_init(S: Setup, ckpt, resume: bool, workdir: Path, echo, resume_from=None, allow_change=()):
     init_fn, keys = _init_fn(S), _keys(S)
     if ckpt.latest() is not None:
         if not resume:
             raise RunError(f"{workdir} already holds checkpoints; pass --resume to continue that run "
                            "or choose another --workdir")
-        rep = sharding.replicated(S.mesh)
-        abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
-                                          jax.eval_shape(init_fn, keys))
-        state, meta = ckpt.restore(abstract, config_lib.fingerprint(S.config))
+        abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                          jax.eval_shape(init_fn, keys), S.state_sharding)
+        at = ckpt.check(resume_from)
+        fingerprint, changes = _allowed(ckpt, at, config_lib.fingerprint(S.config), tuple(allow_change))
+        state, meta = ckpt.restore(abstract, fingerprint, index=at)
         pos, record = Position(**meta["position"]), meta["record"]
-        echo(f"resuming from {ckpt.directory / str(ckpt.latest())}: task {pos.task}, phase {pos.phase}, "
+        if distributed.is_primary():
+            for p in ckpt.set_aside_newer(at):
+                echo(f"moved the newer checkpoint {p.name} aside to {p}")
+        for c in changes:
+            echo(f"resuming with {c['key']} = {c['now']!r} (the checkpoint's run had {c['checkpoint']!r})")
+        record.setdefault("changes", []).extend({**c, "at": dataclasses.asdict(pos)} for c in changes)
+        echo(f"resuming from {ckpt.directory / str(at)}: task {pos.task}, phase {pos.phase}, "
              f"epoch {pos.epoch}, batch {pos.batch}")
         return state, pos, record
+    if resume_from is not None:
+        raise RunError(f"--resume-from {resume_from}: {workdir} holds no checkpoint")
     if resume:
         echo(f"no checkpoint in {workdir}; starting from the beginning")
     state = init_fn(keys)
@@ -427,7 +475,7 @@ def evaluate(S: Setup, state) -> list[list[float]]:
     for j in range(S.num_tasks):
         hits = [S.fns["eval"](state, S.src.get("test"), _items(S, item, axis), jnp.int32(j))
                 for item in S.feed.pass_items("test", j, B)]
-        total = np.sum(np.reshape(jax.device_get(hits), (len(hits), -1)), axis=0)  # [R] or [1]
+        total = np.sum(np.reshape(distributed.fetch(hits), (len(hits), -1)), axis=0)  # [R] or [1]
         out[:, j] = total / np.asarray([S.feed.size(r, "test", j) for r in range(S.R)])
     return out.tolist()
 
@@ -477,12 +525,12 @@ def train_task(S: Setup, state, t: int, pos: Position, record: dict, hooks) -> S
                                "init must allocate every array at its final shape")
         if cfg.optimizer.reset_per_task and t > 0:
             state = state.replace(opt_state=S.fns["reset_opt"](state.params))
-        record["task_start_step"] = np.atleast_1d(jax.device_get(state.step)).tolist()
+        record["task_start_step"] = np.atleast_1d(distributed.fetch(state.step)).tolist()
     tasks = S.pool_tasks(t)
     sizes = [S.feed.size(r, "train", tasks) for r in range(S.R)]
     slots_per_epoch = max(n // B for n in sizes)
     phases = m.phases(t)
-    steps = np.atleast_1d(jax.device_get(state.step)).astype(int)  # host copy: no sync per step
+    steps = np.atleast_1d(distributed.fetch(state.step)).astype(int)  # host copy: no sync per step
     every_ckpt = cfg.checkpoint.every_steps
     for p in range(pos.phase if pos.task == t else 0, len(phases)):
         phase = phases[p]
@@ -493,15 +541,14 @@ def train_task(S: Setup, state, t: int, pos: Position, record: dict, hooks) -> S
         train_chunk = S.fns["train"](phase.name)
         bar = tqdm(total=(phase.epochs - first_epoch) * slots_per_epoch,
                    desc=f"task {t + 1}/{S.num_tasks} {phase.name}", unit="step", leave=False, dynamic_ncols=True,
-                   disable=None if cfg.log.progress else True)  # None: only on a terminal
+                   disable=None if cfg.log.progress and distributed.is_primary() else True)  # None: only on a terminal
         hooks.clock_start()
         for e in range(first_epoch, phase.epochs):
             if hasattr(state.opt_state, "hyperparams"):
                 lr = [optim.lr_at(rc.optimizer, e, phase.epochs, _run_phase(S, r, t, p)) for r, rc in
                       enumerate(S.run_configs or [cfg])]
                 lr = lr[0] if S.R == 1 else np.asarray(lr, np.float32)
-                state = state.replace(opt_state=jax.device_put(optim.with_lr(state.opt_state, lr),
-                                                               sharding.replicated(S.mesh)))
+                state = S.fns["set_lr"](state, lr)
             orders = [data.epoch_order(n, S.seeds[r], t, p, e) for r, n in enumerate(sizes)]
             n_batches = [n // B for n in sizes]
             s = pos.batch if pos == Position(t, p, e, pos.batch) else 0
@@ -511,7 +558,7 @@ def train_task(S: Setup, state, t: int, pos: Position, record: dict, hooks) -> S
                     end = min(end, (record["slots"] // every_ckpt + 1) * every_ckpt - record["slots"] + s)
                 xs = S.feed.train_items(tasks, orders, range(s, end), B, K)
                 state, out = train_chunk(state, S.src.get("train"), _items(S, xs, 2 if S.R > 1 else 1), task_id)
-                out = jax.device_get(out)
+                out = distributed.fetch(out)
                 for r in range(S.R):
                     ran = [k for k in range(end - s) if s + k < n_batches[r]]
                     rows = [{k: float(np.reshape(v, (S.R, K) if S.R > 1 else (K,))[(r, i) if S.R > 1 else i])
@@ -553,7 +600,7 @@ def run_results(S: Setup, state, r: int, run_record: dict, record: dict) -> dict
     """The results of run ``r`` (``results.json``): a single run's contract."""
     cfg = S.config
     stream = S.streams[S.run_stream[r]]
-    one = jax.device_get(_run_slice(S, state, r))
+    one = distributed.fetch(_run_slice(S, state, r))
     R = run_record["accuracy_matrix"]
     steps = int(one.step)
     return {
@@ -572,7 +619,7 @@ def run_results(S: Setup, state, r: int, run_record: dict, record: dict) -> dict
         "params": metrics.param_counts(one.params, S.num_tasks, S.info.num_heads),
         "method_report": jax.tree_util.tree_map(
             lambda v: v.tolist() if hasattr(v, "tolist") else v,
-            jax.device_get(S.method.report(one))) if S.method.report else {},
+            distributed.fetch(S.method.report(one))) if S.method.report else {},
         "wall_s": record["wall_s"],
         "train_s": record["train_s"],
         "train_steps": steps,
@@ -580,8 +627,11 @@ def run_results(S: Setup, state, r: int, run_record: dict, record: dict) -> dict
         "runs_in_program": S.R,
         "data_path": S.feed.path,
         "steps_per_call": S.steps_per_call,
+        "resumed_with_changes": record.get("changes", []),
         "devices": {"count": int(S.mesh.devices.size), "platform": jax.devices()[0].platform,
-                    "kind": jax.devices()[0].device_kind},
+                    "kind": jax.devices()[0].device_kind, "processes": jax.process_count(),
+                    "mesh": dict(S.mesh.shape)},
+        "state_bytes": sharding.bytes_per_device(state),  # all runs of the program together
         "versions": {"jax": jax.__version__, "python": platform.python_version()},
         "setting": S.settings[r],
         "config": S.run_configs[r].to_dict(),
@@ -629,15 +679,21 @@ class _Hooks:
     def nan(self, r: int, t: int, phase: str, epoch: int, step: int, record: dict) -> None:
         start = record["task_start_step"][r]
         latest = self.ckpt.latest()
-        saved = (f"the newest checkpoint ({self.ckpt.directory / str(latest)}) holds the state from before it"
-                 if latest is not None else "no checkpoint had been written yet, so a resume starts from the "
-                 "beginning")
+        if latest is not None:
+            m = self.ckpt.read_meta(latest)["position"]
+            saved = (f"the newest checkpoint, {self.ckpt.directory / str(latest)}, holds the state from before it "
+                     f"(task {m['task']}, phase {m['phase']}, epoch {m['epoch']}, batch {m['batch']}). Lower "
+                     "optimizer.lr (or check the data) and continue from there with --resume --allow-change "
+                     "optimizer.lr")
+        else:
+            saved = ("no checkpoint had been written yet, so nothing is kept: lower optimizer.lr (or check the "
+                     "data) and start again")
         raise NonFiniteLossError(
             f"the loss is not finite (NaN or inf) at {self.S.run_words(r)}task {t}, phase {phase!r}, epoch {epoch}: "
-            f"global step {step} (step {step - start} of the task); {saved}. Lower optimizer.lr or check the data")
+            f"global step {step} (step {step - start} of the task); {saved}")
 
     def save(self, state, at: Position) -> None:
-        bad = np.atleast_1d(jax.device_get(state.bad_step))
+        bad = np.atleast_1d(distributed.fetch(state.bad_step))
         if (bad >= 0).any():  # never checkpoint a state that has seen a NaN
             r = int(np.argmax(bad >= 0))
             self.nan(r, at.task, "?", at.epoch, int(bad[r]), self.record)
@@ -652,27 +708,35 @@ class _Hooks:
         self.ckpt.save(index, state, meta)
 
 
-def run(config, workdir: str | Path, *, resume: bool = False, echo: Callable[[str], None] = print) -> dict:
+def run(config, workdir: str | Path, *, resume: bool = False, resume_from: int | None = None,
+        allow_change: tuple = (), echo: Callable[[str], None] = print) -> dict:
     """Run ``config`` in ``workdir`` and return the results dict (also ``results.json``);
     with several seeds, the summary over them (``summary.json``, each seed's results
     under ``"runs"``).
 
     With ``resume``, continue from the newest checkpoint in ``workdir``; the continued
-    run ends with the same results as one never interrupted.
+    run ends with the same results as one never interrupted. ``resume_from``: continue
+    from that checkpoint instead (say, the newest intact one; newer ones are set aside).
+    ``allow_change``: keys of :data:`SAFE_CHANGES` whose new values the resumed run takes
+    (recorded in ``results.json`` as ``resumed_with_changes``).
     """
+    resume = resume or resume_from is not None
     t_start = time.perf_counter()
     config_lib.validate(config)
     workdir = Path(workdir)
     created = not workdir.exists()
+    primary = distributed.is_primary()  # only process 0 writes files and talks
+    echo = echo if primary else (lambda s: None)
     try:
         with contextlib.ExitStack() as cleanup:  # checkpointer and writers are closed on any exit
             S = setup(config)
             workdir.mkdir(parents=True, exist_ok=True)
             ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
             cleanup.callback(ckpt.close)
-            state, pos, record = _restore_or_init(S, ckpt, resume, workdir, echo)
+            state, pos, record = _restore_or_init(S, ckpt, resume, workdir, echo, resume_from, allow_change)
             run_dirs = [S.run_dir(workdir, r) for r in range(S.R)]
-            writers = [logs.Writer(d, tensorboard=config.log.tensorboard) for d in run_dirs]
+            writers = [logs.Writer(d, tensorboard=config.log.tensorboard) if primary else logs.NullWriter()
+                       for d in run_dirs]
             for w in writers:
                 cleanup.callback(w.close)
             hooks = _Hooks(S, ckpt, record, t_start, record["wall_s"], writers)
@@ -683,7 +747,7 @@ def run(config, workdir: str | Path, *, resume: bool = False, echo: Callable[[st
             for t in range(pos.task, S.num_tasks):
                 state = train_task(S, state, t, pos, record, hooks)
                 rows = evaluate(S, state)
-                step = np.atleast_1d(jax.device_get(state.step))
+                step = np.atleast_1d(distributed.fetch(state.step))
                 for r, row in enumerate(rows):
                     record["runs"][r]["accuracy_matrix"].append(row)
                     writers[r].write("eval", int(step[r]), task=t, accuracy=row, mean_seen=float(np.mean(row[: t + 1])))
@@ -696,7 +760,8 @@ def run(config, workdir: str | Path, *, resume: bool = False, echo: Callable[[st
             record["wall_s"] = hooks.wall_before + time.perf_counter() - t_start
             return _write_results(S, state, record, workdir, run_dirs, writers)
     except BaseException as e:
-        _after_failure(workdir, created, e)
+        if primary:
+            _after_failure(workdir, created, e)
         raise
 
 
@@ -717,12 +782,14 @@ def _write_results(S: Setup, state, record: dict, workdir: Path, run_dirs: list,
     runs = []
     for r, d in enumerate(run_dirs):
         res = run_results(S, state, r, record["runs"][r], record)
+        runs.append(res)
+        if not distributed.is_primary():
+            continue
         report.save_results(d, res)
         if cfg.log.plots:
             report.plot(d, res["accuracy_matrix"], title + (f" {S.run_words(r)[:-2]}" if S.multi else ""))
         writers[r].write("results", res["train_steps"], acc=res["acc"], bwt=res["bwt"], fwt=res["fwt"],
                          forgetting=res["forgetting"])
-        runs.append(res)
     if not S.multi:
         return runs[0]
     groups = list(dict.fromkeys(config_lib.setting_name(st) for st in S.settings))
@@ -731,6 +798,9 @@ def _write_results(S: Setup, state, record: dict, workdir: Path, run_dirs: list,
         members = [x for x in runs if config_lib.setting_name(x["setting"]) == g]
         out = summary(members)
         where = workdir / g if g else workdir
+        if not distributed.is_primary():
+            per_setting.append(out)
+            continue
         if g and cfg.seeds:
             report.save_results(where, out, name="summary.json")
         if cfg.log.plots and len(members) > 1:
@@ -739,11 +809,13 @@ def _write_results(S: Setup, state, record: dict, workdir: Path, run_dirs: list,
         per_setting.append(out)
     if not cfg.sweep:
         out = per_setting[0]
-        report.save_results(workdir, out, name="summary.json")
+        if distributed.is_primary():
+            report.save_results(workdir, out, name="summary.json")
         return {**out, "runs": runs}
     top = {k: runs[0][k] for k in ("method", "benchmark", "scenario", "num_tasks", "model", "data_path",
                                    "steps_per_call", "runs_in_program", "config")}
     top.update(wall_s=record["wall_s"], train_s=record["train_s"], sweep=list(cfg.sweep),
                seeds=list(config_lib.run_seeds(cfg)), settings=per_setting)
-    report.save_results(workdir, top, name="summary.json")
+    if distributed.is_primary():
+        report.save_results(workdir, top, name="summary.json")
     return {**top, "runs": runs}

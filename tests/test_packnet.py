@@ -176,13 +176,10 @@ def test_pretrained_trunk_is_loaded_and_heads_are_not(make_config, tmp_path):
     jaxcl.run(pre, tmp_path / "pre", echo=lambda s: None)
     src = jaxcl.checkpoint.load_state(tmp_path / "pre")
     c = make_config("split_digits:method=packnet", num_tasks=2, epochs=1, model__pretrained=str(tmp_path / "pre"))
-    stream = data.build(c)
-    model = models.build(c.model, stream.info)
-    m = methods.build(c, model, stream.info)
-    state = m.init(jax.random.PRNGKey(5), next(data.batches(data.pool(stream, 0), 16))["x"])
+    S = jaxcl.train.setup(c)
+    state = jaxcl.train._init_fn(S)(jax.random.PRNGKey(5))
     msgs = []
-    loaded = jaxcl.train._load_pretrained(state, str(tmp_path / "pre"), jaxcl.sharding.replicated(
-        jaxcl.sharding.make_mesh(1)), msgs.append)
+    loaded = jaxcl.train._load_pretrained(S, state, str(tmp_path / "pre"), msgs.append)
     assert "initialised 4 parameter arrays" in msgs[0]  # fc1 and fc2 kernels and biases
     np.testing.assert_array_equal(loaded.params["params"]["fc1"]["kernel"], src["params"]["params"]["fc1"]["kernel"])
     np.testing.assert_array_equal(loaded.params["params"]["head"]["kernel"], state.params["params"]["head"]["kernel"])

@@ -56,5 +56,5 @@ def test_mesh_and_batch_errors_name_the_problem():
 
     from jaxcl import sharding
 
-    with pytest.raises(sharding.ShardingError, match="mesh.data: asked for 99 devices"):
+    with pytest.raises(sharding.ShardingError, match="mesh.data: asked for 99 x mesh.fsdp 1 = 99 devices, 1 visible"):
         sharding.make_mesh(99)

@@ -49,7 +49,7 @@ def stream_bytes(stream: Stream) -> int:
 def device_budget() -> tuple[int, str]:
     """(bytes a resident stream may take, where that figure comes from): half the
     first device's memory, or a quarter of the host's on CPU."""
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]) // 2, f"half of {dev.device_kind}'s {stats['bytes_limit'] / 2**30:.1f} GiB"
@@ -99,6 +99,8 @@ class Feed:
         self.pipeline, self.pipeline_why = "memory", "data.pipeline=memory"  # see make
         self.R = len(self.run_stream)
         self.per_run = len(streams) > 1
+        # (this process, processes): each process makes only its own rows of every batch
+        self.shard = (jax.process_index(), jax.process_count())
         self._pools: dict = {}  # host path: the pool in use per (stream, split, tasks)
         self._src = {}
         if resident:
@@ -142,6 +144,14 @@ class Feed:
 
     # -- items
 
+    def _rows(self, batch_size: int) -> tuple[int, int]:
+        """This process's rows ``lo .. hi-1`` of a global batch (a process's devices hold
+        a contiguous block of the batch)."""
+        i, n = self.shard
+        if batch_size % n:
+            raise DataError(f"batch size {batch_size} does not split over {n} JAX processes")
+        return i * batch_size // n, (i + 1) * batch_size // n
+
     def _item(self, r: int, split: str, tasks, local: np.ndarray, batch_size: int) -> dict:
         """Item for the samples at pool positions ``local`` of run ``r`` (padded to B)."""
         if self.resident:
@@ -157,37 +167,42 @@ class Feed:
     def train_items(self, tasks, orders: list[np.ndarray], slots: range, batch_size: int, K: int) -> dict:
         """``{"active": [R?, K], "item": [R?, K, ...]}`` for the training slots ``slots``
         (batch ``s`` of run r is ``orders[r][s*B:(s+1)*B]``; a run with fewer batches
-        than a slot is inactive there; rows beyond ``len(slots)`` are inactive padding)."""
+        than a slot is inactive there; rows beyond ``len(slots)`` are inactive padding).
+        Items hold this process's rows of each batch only."""
         per_run = []
+        lo, hi = self._rows(batch_size)
+        rows = hi - lo
         for r in range(self.R):
             n_batches = len(orders[r]) // batch_size
             items, active = [], np.zeros(K, bool)
             for k, s in enumerate(slots):
                 if s < n_batches:
-                    items.append(self._item(r, "train", tasks, orders[r][s * batch_size:(s + 1) * batch_size],
-                                            batch_size))
+                    items.append(self._item(r, "train", tasks, orders[r][s * batch_size + lo:s * batch_size + hi],
+                                            rows))
                     active[k] = True
                 else:
                     items.append(None)
             like = next((i for i in items if i is not None), None)
             if like is None:
-                like = self._item(r, "train", tasks, np.zeros(batch_size, np.int64), batch_size)
-            items = [self.empty_item(batch_size, like) if i is None else i for i in items]
-            items += [self.empty_item(batch_size, like)] * (K - len(items))
+                like = self._item(r, "train", tasks, np.zeros(rows, np.int64), rows)
+            items = [self.empty_item(rows, like) if i is None else i for i in items]
+            items += [self.empty_item(rows, like)] * (K - len(items))
             per_run.append({"active": active, "item": {k: np.stack([i[k] for i in items]) for k in like}})
         return _stack_runs(per_run) if self.R > 1 else per_run[0]
 
     def pass_items(self, split: str, tasks, batch_size: int):
         """Items covering every sample of ``tasks`` in ``split`` once, in stored order
-        (evaluation, consolidation); per run when the runs' streams differ."""
+        (evaluation, consolidation); per run when the runs' streams differ; this
+        process's rows of each batch only."""
         runs = range(self.R) if self.per_run else [0]
         sizes = [self.size(r, split, tasks) for r in runs]
         n_batches = -(-max(sizes) // batch_size)
+        lo, hi = self._rows(batch_size)
         for b in range(n_batches):
             per_run = []
             for r, n in zip(runs, sizes):
-                local = np.arange(b * batch_size, min((b + 1) * batch_size, n))
-                per_run.append(self._item(r, split, tasks, local, batch_size))
+                local = np.arange(b * batch_size + lo, min(b * batch_size + hi, n))
+                per_run.append(self._item(r, split, tasks, local, hi - lo))
             yield _stack_runs(per_run) if self.per_run else per_run[0]
 
 

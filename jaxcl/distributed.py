@@ -1,0 +1,165 @@
+"""Several JAX processes as one run: joining a job, the one process that writes, reading
+global arrays on the host, and a local launcher.
+
+jaxcl builds on JAX's multi-controller runtime: every process runs the same program on
+global ``jax.Array`` s (:mod:`jaxcl.sharding`); each makes only its own rows of every
+batch (``jax.make_array_from_process_local_data``); Orbax saves and restores collectively.
+
+* :func:`initialize` joins a job, from explicit flags (``--coordinator HOST:PORT
+  --num-processes N --process-id I``) or from what ``jax.distributed.initialize()``
+  detects (TPU pods, SLURM, Open MPI, ...). On CPU the collectives use gloo.
+* :func:`is_primary`: only process 0 writes results, logs, plots and the console.
+* :func:`launch_local` starts N processes on this host (``jaxcl launch --local N``) and
+  stops them all, naming the one that failed, when one dies.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+class DistributedError(RuntimeError):
+    """A multi-process job cannot start or lost a process."""
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               *, auto: bool = False, timeout_s: int = 60, heartbeat_s: int = 30) -> None:
+    """Join a multi-process job (explicit coordinator, or ``auto`` detection)."""
+    if not (coordinator or auto):
+        return
+    if coordinator and (num_processes is None or process_id is None):
+        raise DistributedError("--coordinator needs --num-processes and --process-id")
+    if coordinator and not 0 <= process_id < num_processes:
+        raise DistributedError(f"--process-id {process_id} is not in 0..{num_processes - 1}")
+    if coordinator and process_id != 0:
+        _wait_for(coordinator, timeout_s, process_id, num_processes)  # the runtime would abort, not raise
+    # CPU processes exchange through gloo (shipped with jaxlib); GPUs and TPUs use their own
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s,
+                                   heartbeat_timeout_seconds=heartbeat_s)
+    except Exception as e:  # the runtime's own errors are long C++ reprs
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        where = f"the coordinator at {coordinator}" if coordinator else "the job's coordinator (auto-detected)"
+        raise DistributedError(f"could not join {where} within {timeout_s} s as process {process_id} of "
+                               f"{num_processes}: {first}") from None
+
+
+def _wait_for(coordinator: str, timeout_s: float, process_id, num_processes) -> None:
+    """Wait until the coordinator accepts connections, or raise a named error."""
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(f"--coordinator {coordinator!r}: expected HOST:PORT")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise DistributedError(f"could not join the coordinator at {coordinator} within {timeout_s:g} s as "
+                                       f"process {process_id} of {num_processes}: {e.strerror or e}") from None
+            time.sleep(0.5)
+
+
+def is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def fetch(tree):
+    """Global arrays -> numpy on every process: replicated arrays from the local copy,
+    sharded ones gathered (a collective: every process must call it)."""
+    from jax.experimental import multihost_utils
+
+    def one(a):
+        if not isinstance(a, jax.Array):
+            return np.asarray(a)
+        if a.is_fully_addressable:
+            return np.asarray(jax.device_get(a))
+        if a.sharding.is_fully_replicated:
+            return np.asarray(a.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(n: int, command: list[str], *, devices_per_process: int = 1, grace_s: float = 30.0,
+                 echo=print) -> int:
+    """Run ``command`` (it receives ``--coordinator``, ``--num-processes`` and
+    ``--process-id`` appended) as ``n`` processes on this host; CPU processes get
+    ``devices_per_process`` virtual devices, GPU processes that many GPUs each. Output of
+    process 0 passes through; the others' goes to their own log under the working dir
+    (``JAXCL_LAUNCH_LOGS``, default a temporary folder). When one process fails, the
+    others get ``grace_s`` to stop by themselves, then are terminated; the returned code
+    and the message name the process that failed first."""
+    import tempfile
+
+    port = free_port()
+    logs = os.environ.get("JAXCL_LAUNCH_LOGS") or tempfile.mkdtemp(prefix="jaxcl-launch-")
+    procs, files = [], []
+    for i in range(n):
+        env = dict(os.environ)
+        flags = env.get("XLA_FLAGS", "")
+        flags = " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip()
+        if "CUDA_VISIBLE_DEVICES" not in os.environ and _gpu_count():
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i * devices_per_process + k) for k in range(devices_per_process))
+        args = command + ["--coordinator", f"localhost:{port}", "--num-processes", str(n), "--process-id", str(i)]
+        out = None if i == 0 else open(os.path.join(logs, f"process_{i}.log"), "w")
+        files.append(out)
+        procs.append(subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT if out else None))
+    failed, deadline = None, None
+    try:
+        while any(p.poll() is None for p in procs):
+            for i, p in enumerate(procs):
+                if failed is None and p.poll() not in (None, 0):
+                    failed = (i, p.returncode)
+                    deadline = time.monotonic() + grace_s
+            if deadline is not None and time.monotonic() > deadline:
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                time.sleep(1)
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.kill()
+        raise
+    finally:
+        for f in files:
+            if f:
+                f.close()
+    if failed is None:
+        failed = next(((i, p.returncode) for i, p in enumerate(procs) if p.returncode), None)
+    if failed is not None:
+        i, code = failed
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        echo(f"jaxcl launch: process {i} of {n} {how}; the others were stopped "
+             f"(logs of processes 1..{n - 1}: {logs}); continue with the same command and --resume")
+        return code if code > 0 else 1
+    return 0
+
+
+def _gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        return len(out.stdout.splitlines()) if out.returncode == 0 else 0
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
