@@ -39,10 +39,22 @@ def test_list_names_methods_benchmarks_and_models(capsys):
     (["run", "split_digits:method=nope"], "unknown method 'nope'"),
     (["run", "--set", "scenario=sideways"], "scenario: 'sideways' is not one of"),
     (["run", "--set", "data.name=nonexistent_dataset_xyz"], "unknown dataset 'nonexistent_dataset_xyz'"),
+    # method settings and meshes the run cannot use: one line before training, never a traceback
+    (["run", "split_digits:method=ewc", "--set", "method.fisher=xyz"], "method.fisher: 'xyz' is not one of"),
+    (["run", "split_digits:method=ewc", "--set", "method.ewc_lambda=-5"], "method.ewc_lambda: must be >= 0"),
+    (["run", "split_digits:method=packnet", "--set", "method.prune=1.5"], "method.prune"),
+    (["run", "split_digits:method=packnet", "--set", "method.prune=(0.5,0.5)"], "method.prune: 2"),
+    (["run", "split_digits:method=er", "--set", "method.memory_size=-4"], "method.memory_size: must be >= 1"),
+    (["run", "--set", "mesh.data=0"], "mesh.data: must be -1 (all devices) or >= 1, got 0"),
+    (["run", "--set", "mesh.fsdp=3"], "mesh.fsdp=3 does not divide the 1 devices"),
+    (["run", "--resume-from", "3"], "--resume-from 3"),
+    (["run", "--coordinator", "localhost:1"], "--coordinator needs --num-processes and --process-id"),
 ])
 def test_bad_input_exits_2_with_a_named_error(args, message, capsys, tmp_path):
     assert cli.main(args + ["--workdir", str(tmp_path / "w"), *QUIET]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "w").exists()  # refused before anything was written
 
 
 def test_resume_without_workdir_picks_the_newest_run(tmp_path, monkeypatch, capsys):

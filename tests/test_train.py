@@ -145,3 +145,44 @@ def test_online_mode_makes_one_pass(make_config, tmp_path):
 def test_batch_larger_than_a_task_is_refused(make_config, tmp_path):
     with pytest.raises(jaxcl.DataError, match="batch_size=4096 is larger than the smallest task"):
         jaxcl.run(make_config(batch_size=4096), tmp_path, echo=lambda s: None)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_resume_from_the_newest_intact_checkpoint_ends_with_the_same_results(make_config, tmp_path):
+    c = make_config("split_digits:method=ewc", num_tasks=3, data__classes_per_task=3, checkpoint__keep=5)
+    full = jaxcl.run(c, tmp_path / "full", echo=lambda s: None)
+    jaxcl.run(c, tmp_path / "cut", echo=lambda s: None)
+    ck = Checkpointer(tmp_path / "cut" / "checkpoints")
+    newest = ck.directory / str(ck.latest())
+    data = max((f for f in (newest / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)  # overwritten in place: same size
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=rf"the newest intact one is .*/{ck.latest() - 1}: resume from it with "
+                                              rf"--resume-from {ck.latest() - 1}"):
+        jaxcl.run(c, tmp_path / "cut", resume=True, echo=lambda s: None)
+    msgs = []
+    resumed = jaxcl.run(c, tmp_path / "cut", resume_from=ck.latest() - 1, echo=msgs.append)
+    assert any("moved the newer checkpoint" in m for m in msgs)
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+
+
+def test_a_resume_may_change_the_learning_rate_on_purpose_only(make_config, tmp_path):
+    c = make_config("split_digits:method=finetune", num_tasks=2, checkpoint__keep=5)
+    jaxcl.run(c, tmp_path, echo=lambda s: None)
+    lower = jaxcl.config.override(c, ["optimizer.lr=0.005"])
+    with pytest.raises(CheckpointError, match="optimizer.lr: 0.01 in the checkpoint, 0.005 now"):
+        jaxcl.run(lower, tmp_path, resume_from=0, echo=lambda s: None)
+    with pytest.raises(train.RunError, match="--allow-change batch_size: only optimizer.lr"):
+        jaxcl.run(lower, tmp_path, resume_from=0, allow_change=("batch_size",), echo=lambda s: None)
+    msgs = []
+    r = jaxcl.run(lower, tmp_path, resume_from=0, allow_change=("optimizer.lr",), echo=msgs.append)
+    assert "resuming with optimizer.lr = 0.005 (the checkpoint's run had 0.01)" in msgs
+    assert r["resumed_with_changes"][0]["key"] == "optimizer.lr" and r["resumed_with_changes"][0]["now"] == 0.005
+    assert json.loads((tmp_path / "results.json").read_text())["resumed_with_changes"] == r["resumed_with_changes"]
+
+
+def test_a_run_that_fails_on_its_data_leaves_no_workdir(make_config, tmp_path):
+    with pytest.raises(jaxcl.DataError):
+        jaxcl.run(make_config(batch_size=4096), tmp_path / "w", echo=lambda s: None)
+    assert not (tmp_path / "w").exists()
