@@ -23,7 +23,7 @@ SCHEDULES = ("constant", "step", "cosine")
 # values of these keys may be resumed.
 NON_RESULT_SECTIONS = ("log", "checkpoint", "mesh", "loop")
 # Keys that change where the work is done but not what it computes (up to float rounding).
-NON_RESULT_KEYS = ("data.on_device",)
+NON_RESULT_KEYS = ("data.on_device", "data.grain_workers")
 
 
 class ConfigError(ValueError):

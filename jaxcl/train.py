@@ -249,6 +249,27 @@ def _built(S: Setup, values: dict):
     return methods.build(c, S.model, S.info), optim.make(c.optimizer)
 
 
+def _check_input_shape(model, info, config) -> None:
+    """Refuse, by name, images the model cannot take (say, too small for its pooling)."""
+    x = jnp.zeros((1,) + tuple(info.input_shape), jnp.float32)
+    task = jnp.zeros((), jnp.int32)
+    where = f"model.name={config.model.name} cannot take images of shape {tuple(info.input_shape)} " \
+            "(data.image_size / data.image_shape)"
+
+    def forward():
+        variables = model.init(jax.random.PRNGKey(0), x, task, False)
+        return model.apply(variables, x, task, False, capture_intermediates=True, mutable=["intermediates"])[1]
+
+    try:
+        inner = jax.eval_shape(forward)
+    except Exception as e:  # noqa: BLE001 - the model's own error, named in our words below
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise data.DataError(f"{where}: {first}") from None
+    empty = [jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_flatten_with_path(inner)[0] if 0 in a.shape]
+    if empty:  # pooled down to nothing: the loss would be NaN
+        raise data.DataError(f"{where}: {empty[0]} has an empty output (the image is too small for its pooling)")
+
+
 def setup(config) -> Setup:
     settings = config_lib.sweep_settings(config)
     runs = [(st, seed) for st in settings for seed in config_lib.run_seeds(config)]
@@ -259,6 +280,7 @@ def setup(config) -> Setup:
     streams, run_stream = _streams(config, seeds)
     info = streams[0].info
     model = models.build(config.model, info)
+    _check_input_shape(model, info, config)
     # runs share one program; a single run takes its own (swept) values as constants
     base = run_configs[0] if len(runs) == 1 else config
     method = methods.build(base, model, info)
@@ -626,6 +648,8 @@ def run_results(S: Setup, state, r: int, run_record: dict, record: dict) -> dict
         "steps_per_s": metrics.steps_per_second(steps, record["train_s"]),  # this run's; all runs: x runs_in_program
         "runs_in_program": S.R,
         "data_path": S.feed.path,
+        "data_pipeline": {"asked": cfg.data.pipeline, "picked": getattr(S.feed, "pipeline", "memory"),
+                          "why": getattr(S.feed, "pipeline_why", "")},
         "steps_per_call": S.steps_per_call,
         "resumed_with_changes": record.get("changes", []),
         "devices": {"count": int(S.mesh.devices.size), "platform": jax.devices()[0].platform,

@@ -186,3 +186,8 @@ def test_a_run_that_fails_on_its_data_leaves_no_workdir(make_config, tmp_path):
     with pytest.raises(jaxcl.DataError):
         jaxcl.run(make_config(batch_size=4096), tmp_path / "w", echo=lambda s: None)
     assert not (tmp_path / "w").exists()
+
+
+def test_an_image_size_the_model_cannot_take_is_refused_by_name(make_config, tmp_path):
+    with pytest.raises(jaxcl.DataError, match=r"model.name=vgg16 cannot take images of shape \(8, 8, 1\) .* too small"):
+        jaxcl.run(make_config(model__name="vgg16"), tmp_path / "w", echo=lambda s: None)
