@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# fixtures/ holds the scripts that made the committed fixtures: they run in the PyTorch
+# peers venv, not under pytest
+collect_ignore_glob = ["fixtures/*"]
 
 
 def pytest_configure(config):
