@@ -249,6 +249,22 @@ def _built(S: Setup, values: dict):
     return methods.build(c, S.model, S.info), optim.make(c.optimizer)
 
 
+def _auto_steps_per_call(S: Setup) -> int:
+    """K for ``loop.steps_per_call=auto``. One run skips a chunk's padding steps (a
+    ``lax.cond``), so K is as large as allowed, never more than the shortest task's epoch.
+    Runs stacked by ``vmap`` compute a padding step like any other, so K then minimises
+    the steps computed plus a few steps' worth of overhead per call."""
+    B = S.config.batch_size
+    slots = [max(S.feed.size(r, "train", S.pool_tasks(t)) // B for r in range(S.R)) for t in range(S.num_tasks)]
+    if S.R == 1:
+        return max(1, min(AUTO_STEPS_PER_CALL, min(slots)))
+
+    def cost(k):
+        return sum(-(-n // k) * (k + 4) for n in slots)
+
+    return min(range(1, AUTO_STEPS_PER_CALL + 1), key=lambda k: (cost(k), -k))
+
+
 def _check_input_shape(model, info, config) -> None:
     """Refuse, by name, images the model cannot take (say, too small for its pooling)."""
     x = jnp.zeros((1,) + tuple(info.input_shape), jnp.float32)
@@ -296,14 +312,10 @@ def setup(config) -> Setup:
               optim.make(base.optimizer), feed, 1, {}, {}, run_configs)
     if S.R > 1:  # the swept values the program computes with (the learning rate is set per epoch instead)
         S.hp = {k: np.asarray([st[k] for st, _ in runs], np.float32) for k in settings[0] if k != "optimizer.lr"}
-    k = config_lib.steps_per_call(config)
-    if k is None:  # auto: up to AUTO_STEPS_PER_CALL, never more than the shortest task's epoch
-        fewest = min(feed.size(r, "train", S.pool_tasks(t)) // config.batch_size
-                     for r in range(S.R) for t in range(S.num_tasks))
-        k = max(1, min(AUTO_STEPS_PER_CALL, fewest))
-    S.steps_per_call = k
+    S.steps_per_call = config_lib.steps_per_call(config) or _auto_steps_per_call(S)
     S.src = {split: sharding.put(feed.src(split), sharding.replicated(mesh)) for split in ("train", "test")
              if feed.src(split) is not None}
+    feed.drop_host_copies()  # the resident arrays now live on the device
     if S.hp:
         _check_sweep(S)
     S.state_sharding = sharding.state_shardings(jax.eval_shape(S.lift(_make_init(S), (0,)), _keys(S)), mesh,

@@ -189,3 +189,25 @@ def test_a_nan_in_one_run_of_many_names_that_run(make_config, tmp_path):
     with pytest.raises(train.NonFiniteLossError,
                        match=r"not finite .* at optimizer.lr=1e\+30 seed 0, task 0, phase 'train', epoch 0: global step 1 "):
         jaxcl.run(c, tmp_path, echo=quiet)
+
+
+def _batches_agree(stream):
+    from jaxcl.data.batches import _make, pool
+
+    f = feed_lib.Feed([stream], [0], normalize=True, resident=True)
+    src, idx = f.src("train"), np.arange(128) % len(stream.tasks[0].x_train)
+    dev = jax.jit(feed_lib.gather)(src, idx, np.ones(128, bool))
+    host = _make(pool(stream, range(len(stream)), "train"), idx, 128)
+    chex.assert_trees_all_equal(jax.device_get(dev), host)  # bit for bit
+
+
+def test_a_batch_gathered_on_the_device_is_the_host_batch_bit_for_bit(make_config):
+    from jaxcl import data
+
+    _batches_agree(data.build(make_config("split_digits")))
+
+
+def test_real_mnist_batches_agree_bit_for_bit(make_config, shared_data):
+    from jaxcl import data
+
+    _batches_agree(data.build(make_config("split_mnist", data__dir=str(shared_data), data__train_limit=2000)))

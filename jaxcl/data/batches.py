@@ -54,6 +54,23 @@ def pool(stream: Stream, tasks, split: str = "train", normalize: bool = True) ->
     return Pool(cat(xs), cat(ys).astype(np.int32), cat(ts), mean, std)
 
 
+def levels(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``[tasks, C, 256]`` float32: the normalised value of every pixel value of every
+    channel of every task, ``(v / 255 - mean) / std``, computed once on the host. Every
+    path (host batches, device gathers, grain workers) normalises by looking it up, so
+    all give the same numbers bit for bit (arithmetic in a compiled program may fuse a
+    multiply-add and round differently)."""
+    v = np.arange(256, dtype=np.float32) * np.float32(1 / 255)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    return ((v[None, None, :] - mean[:, :, None]) / std[:, :, None]).astype(np.float32)
+
+
+def normalize(table, x, tid):
+    """uint8 images ``x`` [N, H, W, C] of tasks ``tid`` [N] -> float32 (numpy or jax)."""
+    c = np.arange(x.shape[-1])
+    return table[tid[:, None, None, None], c[None, None, None, :], x]
+
+
 def epoch_order(n: int, seed: int, *key: int) -> np.ndarray:
     """The sample order of one epoch, a pure function of the seed and position."""
     return np.random.default_rng([seed, *key]).permutation(n)
@@ -65,8 +82,7 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
 
 def _make(p: Pool, idx: np.ndarray, batch_size: int) -> dict:
     tid = p.task[idx]
-    x = np.asarray(p.x[idx], np.float32) * np.float32(1 / 255)
-    x = (x - p.mean[tid][:, None, None, :]) / p.std[tid][:, None, None, :]
+    x = normalize(levels(p.mean, p.std), np.asarray(p.x[idx]), tid)
     b = {"x": x, "y": p.y[idx], "task": tid, "mask": np.ones(len(idx), np.float32)}
     pad = batch_size - len(idx)
     if pad:

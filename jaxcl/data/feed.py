@@ -11,7 +11,9 @@ samples on both paths:
   (:func:`jaxcl.data.batches`), gathered, normalised and padded on the host;
 * **device** (``resident=True``): the stream lives in device memory as uint8 and an
   item is ``{"idx": int32 [B], "valid": bool [B]}``; :func:`gather` makes the batch on
-  the device with the same float32 arithmetic, so both paths train on the same numbers.
+  the device by looking each pixel value up in the same table made once on the host
+  (:func:`~jaxcl.data.batches.levels`), so both paths train on the same numbers, bit
+  for bit.
 
 Several runs (seeds) trained in one program each have their own orders; when their
 streams differ (a seed-dependent stream: permutations, shuffled classes, subsets) each
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcl.data.batches import Pool, _make, pool
+from jaxcl.data.batches import Pool, _make, levels, normalize, pool
 from jaxcl.data.sources import DataError
 from jaxcl.data.streams import Stream
 
@@ -34,8 +36,7 @@ def gather(src: dict, idx: jax.Array, valid: jax.Array) -> dict:
     """The batch at global indices ``idx`` of a resident split ``src``; entries with
     ``valid`` False are padding (zeros, mask 0), exactly as the host pads."""
     tid = src["task"][idx]
-    x = src["x"][idx].astype(jnp.float32) * jnp.float32(1 / 255)
-    x = (x - src["mean"][tid][:, None, None, :]) / src["std"][tid][:, None, None, :]
+    x = normalize(src["levels"], src["x"][idx].astype(jnp.int32), tid)
     v = valid.reshape((-1,) + (1,) * (x.ndim - 1))
     return {"x": jnp.where(v, x, 0.0), "y": jnp.where(valid, src["y"][idx], 0),
             "task": jnp.where(valid, tid, 0), "mask": valid.astype(jnp.float32)}
@@ -106,7 +107,7 @@ class Feed:
         if resident:
             for split in ("train", "test"):
                 arrays = [pool(st, range(len(st)), split, normalize) for st in streams]
-                arrays = [{"x": p.x, "y": p.y, "task": p.task, "mean": p.mean, "std": p.std} for p in arrays]
+                arrays = [{"x": p.x, "y": p.y, "task": p.task, "levels": levels(p.mean, p.std)} for p in arrays]
                 if self.per_run:  # one copy per run, padded to the longest
                     n = max(len(a["x"]) for a in arrays)
                     pad = lambda a: np.concatenate([a, np.zeros((n - len(a),) + a.shape[1:], a.dtype)])  # noqa: E731
@@ -130,6 +131,10 @@ class Feed:
     def size(self, r: int, split: str, tasks) -> int:
         lo, hi = self._range(r, split, tasks)
         return hi - lo
+
+    def drop_host_copies(self) -> None:
+        """Forget the host arrays of the resident stream once they are on the device."""
+        self._src = {}
 
     def src(self, split: str):
         """The resident arrays of ``split`` (to be placed on the device once), or None."""

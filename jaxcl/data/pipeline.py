@@ -11,8 +11,8 @@ through :class:`GrainFeed`:
   decodes, resizes (``data.image_size``), applies the task's transforms and normalises
   one image, batched ``B`` at a time; it runs in ``data.grain_workers`` worker
   processes (``mp_prefetch``; 0: in this process);
-* the arithmetic is the memory path's, per sample (float32 ``x / 255``, then
-  ``(x - mean[task]) / std[task]``), so for a stream that fits in memory **both
+* the arithmetic is the memory path's, per sample (each pixel value looked up in the
+  same table, :func:`~jaxcl.data.batches.levels`), so for a stream that fits in memory **both
   pipelines give bit-identical batches for the same seed** (tested) and the same
   results; ``data.augment`` stays on the device for both;
 * the MapDataset is random access, so the batches of slots ``s..e`` of an epoch are a
@@ -32,7 +32,7 @@ import os
 import jax
 import numpy as np
 
-from jaxcl.data.batches import _stats
+from jaxcl.data.batches import _stats, levels, normalize
 from jaxcl.data.feed import Feed, _stack_runs
 from jaxcl.data.sources import DataError, LazyImages
 from jaxcl.data.streams import Stream
@@ -58,6 +58,7 @@ class _Elements:
             self.tid.append(t)
         self.starts = np.cumsum([0] + [len(x) for x in self.images])
         self.mean, self.std = _stats(stream, normalize)
+        self.levels = levels(self.mean, self.std)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -67,8 +68,7 @@ class _Elements:
         j = int(np.searchsorted(self.starts, p, side="right")) - 1
         local, t = p - int(self.starts[j]), self.tid[j]
         img = self.images[j][local]
-        x = np.asarray(img, np.float32) * np.float32(1 / 255)
-        x = (x - self.mean[t][None, None, :]) / self.std[t][None, None, :]
+        x = normalize(self.levels, np.asarray(img)[None], np.asarray([t]))[0]
         return {"x": x, "y": self.y[j][local], "task": np.int32(t), "mask": np.float32(1)}
 
 
