@@ -38,7 +38,8 @@ Figures, per workload and layout, from the run's own files:
 * ``state_bytes``: ``results.json``'s per-device maximum and total;
 * ``max_abs_acc_diff``: the largest |difference| between an entry of a layout's
   accuracy matrix and ``data1``'s (``acc_diff_in_test_samples``: the same in test samples
-  of the smallest task);
+  of the smallest task); ``max_abs_logged_loss_diff``: the same for every logged training
+  loss (mean of each call's steps), the finer check on runs this short;
 * each steady rate's share of the fp32 matmul peak (``benchmarks/common.peak_gflops``)
   with the FLOP per step of ``../shared/peers/flops.jsonl`` (W3's, measured at batch 64,
   scaled to the batch used).
@@ -137,7 +138,9 @@ def run_layout(spec: str, sets: list[str], layout: str, workdir: Path, platform:
                            f"{out.stderr[-3000:]}\n{logs}")
     res = json.loads((workdir / "results.json").read_text())
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {"results": res, "steady": steady_rate(lines), "process_wall_s": wall, "command": " ".join(cmd)}
+    losses = [x["loss"] for x in lines if x["kind"] == "train"]
+    return {"results": res, "steady": steady_rate(lines), "losses": losses, "process_wall_s": wall,
+            "command": " ".join(cmd)}
 
 
 def steady_rate(lines: list[dict]) -> dict:
@@ -226,6 +229,9 @@ def bench(name: str, spec: str, sets: list[str], fkey: str, fscale: float, layou
     steady = {k: v["steady"]["steps_per_s"] for k, v in rows.items()}
     run_rate = {k: round(v["results"]["steps_per_s"], 4) for k, v in rows.items()}
     diffs = {k: float(np.max(np.abs(np.asarray(v["results"]["accuracy_matrix"]) - R0))) for k, v in rows.items()}
+    L0 = np.asarray(ref["losses"])
+    loss_diffs = {k: float(np.max(np.abs(np.asarray(v["losses"]) - L0))) if len(v["losses"]) == len(L0) else None
+                  for k, v in rows.items()}
 
     def ratio(d, a, b):
         return round(d[a] / d[b], 3) if d.get(a) and d.get(b) else None
@@ -259,6 +265,8 @@ def bench(name: str, spec: str, sets: list[str], fkey: str, fscale: float, layou
             if "fsdp2" in rows and "data2" in rows else None),
         "max_abs_acc_diff_vs_data1": diffs,
         "acc_diff_in_test_samples": {k: round(v * tests, 2) for k, v in diffs.items()},
+        "max_abs_logged_loss_diff_vs_data1": loss_diffs,
+        "logged_losses": len(L0),
         "accuracy_matrix_data1": R0.round(4).tolist(),
         "load_1min": load,
     }
@@ -271,12 +279,12 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--steps-per-call", type=int, default=2)
     ap.add_argument("--retrain-epochs", type=int, default=0, help="PackNet's retraining epochs (W2)")
-    ap.add_argument("--w2-batch", type=int, default=8)
-    ap.add_argument("--w2-train", type=int, default=32, help="training samples per task (W2)")
+    ap.add_argument("--w2-batch", type=int, default=16)
+    ap.add_argument("--w2-train", type=int, default=64, help="training samples per task (W2)")
     ap.add_argument("--w2-test", type=int, default=50, help="test samples per task (W2)")
-    ap.add_argument("--w3-batch", type=int, default=2)
-    ap.add_argument("--w3-train", type=int, default=8, help="training samples per task (W3)")
-    ap.add_argument("--w3-test", type=int, default=10, help="test samples per task (W3)")
+    ap.add_argument("--w3-batch", type=int, default=16)
+    ap.add_argument("--w3-train", type=int, default=64, help="training samples per task (W3)")
+    ap.add_argument("--w3-test", type=int, default=50, help="test samples per task (W3)")
     ap.add_argument("--platform", default="cpu", choices=["cpu", "gpu"],
                     help="gpu: run the layouts on GPUs (a layout with more devices than GPUs is skipped)")
     ap.add_argument("--no-bytes", action="store_true", help="skip the ResNet-50 state bytes")
