@@ -82,6 +82,7 @@ def _seed_matrices(summary):
 ])
 def test_each_seed_of_a_multi_seed_run_equals_its_single_run(make_config, tmp_path, spec, sets):
     seeds = (0, 3)
+    sets = {"epochs": 1, "num_tasks": 3, **sets}
     multi = jaxcl.run(make_config(spec, seeds=str(seeds), **sets), tmp_path / "multi", echo=quiet)
     assert multi["seeds"] == list(seeds) and multi["runs_in_program"] == 2
     for s in seeds:
