@@ -64,3 +64,35 @@ def method_setup(make_config):
         return c, stream, m, m.init(jax.random.PRNGKey(0), batch["x"]), batch
 
     return setup
+
+
+class Crash(Exception):
+    """What :func:`crash_at_save` raises: a run dying in the middle."""
+
+
+@pytest.fixture
+def crash_at_save(monkeypatch):
+    """``crash_at_save(run, n, check=None)``: call ``run()`` with ``Checkpointer.save``
+    raising :class:`Crash` on its ``n``-th call (the run dies; the saves before it
+    stay); ``check(call, meta)`` sees every save before. Restores ``save`` after."""
+    from jaxcl.checkpoint import Checkpointer
+
+    def crash(run, n: int, check=None):
+        real_save, calls = Checkpointer.save, {"n": 0}
+
+        def dying_save(self, index, state, meta):
+            calls["n"] += 1
+            if check is not None:
+                check(calls["n"], meta)
+            if calls["n"] == n:
+                raise Crash()
+            return real_save(self, index, state, meta)
+
+        monkeypatch.setattr(Checkpointer, "save", dying_save)
+        try:
+            with pytest.raises(Crash):
+                run()
+        finally:
+            monkeypatch.setattr(Checkpointer, "save", real_save)
+
+    return crash

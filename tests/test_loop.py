@@ -97,27 +97,11 @@ def test_each_seed_of_a_multi_seed_run_equals_its_single_run(make_config, tmp_pa
     assert (tmp_path / "multi" / "seed_3" / "metrics.jsonl").exists()
 
 
-class _Crash(Exception):
-    pass
-
-
-def test_a_killed_multi_seed_run_resumes_to_the_same_results(make_config, tmp_path, monkeypatch):
+def test_a_killed_multi_seed_run_resumes_to_the_same_results(make_config, tmp_path, crash_at_save):
     c = make_config("split_digits:method=si", num_tasks=3, data__classes_per_task=3, seeds="(1, 2)",
                     checkpoint__every_steps=5, loop__steps_per_call=3)
     full = jaxcl.run(c, tmp_path / "full", echo=quiet)
-    real_save = Checkpointer.save
-    calls = {"n": 0}
-
-    def dying_save(self, index, state, meta):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise _Crash()
-        return real_save(self, index, state, meta)
-
-    monkeypatch.setattr(Checkpointer, "save", dying_save)
-    with pytest.raises(_Crash):
-        jaxcl.run(c, tmp_path / "cut", echo=quiet)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
+    crash_at_save(lambda: jaxcl.run(c, tmp_path / "cut", echo=quiet), 4)
     resumed = jaxcl.run(c, tmp_path / "cut", resume=True, echo=quiet)
     assert _seed_matrices(resumed) == _seed_matrices(full)
     jax.tree_util.tree_map(np.testing.assert_array_equal, _final_state(tmp_path / "full"),

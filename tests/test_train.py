@@ -67,28 +67,13 @@ def test_a_nan_loss_stops_the_run_naming_task_and_step(make_config, tmp_path):
         jaxcl.run(c, tmp_path, echo=lambda s: None)
 
 
-class _Crash(Exception):
-    pass
-
-
-def test_resume_after_a_crash_ends_with_the_same_results(make_config, tmp_path, monkeypatch):
+def test_resume_after_a_crash_ends_with_the_same_results(make_config, tmp_path, crash_at_save):
     c = make_config("split_digits:method=ewc", num_tasks=3, data__classes_per_task=3, epochs=3,
                     checkpoint__every_steps=7, checkpoint__keep=3)
     full = jaxcl.run(c, tmp_path / "full", echo=lambda s: None)
 
-    real_save = Checkpointer.save
-    calls = {"n": 0}
-
-    def dying_save(self, index, state, meta):
-        calls["n"] += 1
-        if calls["n"] == 6:  # dies mid-task: steps since the 5th checkpoint are lost
-            raise _Crash()
-        return real_save(self, index, state, meta)
-
-    monkeypatch.setattr(Checkpointer, "save", dying_save)
-    with pytest.raises(_Crash):
-        jaxcl.run(c, tmp_path / "cut", echo=lambda s: None)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
+    # dies mid-task: steps since the 5th checkpoint are lost
+    crash_at_save(lambda: jaxcl.run(c, tmp_path / "cut", echo=lambda s: None), 6)
     meta = Checkpointer(tmp_path / "cut" / "checkpoints").read_meta()
     assert meta["position"]["task"] < 3 and len(meta["record"]["runs"][0]["accuracy_matrix"]) < 3  # really cut short
     with pytest.raises(train.RunError, match="already holds checkpoints; pass --resume"):
