@@ -15,6 +15,10 @@ from typing import Any, Mapping
 
 import ml_collections
 
+# The methods raise it from their validate(); the config layer re-exports it (one class:
+# jaxcl.config.ConfigError is jaxcl.methods.base.ConfigError).
+from jaxcl.methods.base import ConfigError
+
 SCENARIOS = ("task", "class", "domain")
 STREAMS = ("split", "permuted", "rotated", "multi")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -24,10 +28,6 @@ SCHEDULES = ("constant", "step", "cosine")
 NON_RESULT_SECTIONS = ("log", "checkpoint", "mesh", "loop")
 # Keys that change where the work is done but not what it computes (up to float rounding).
 NON_RESULT_KEYS = ("data.on_device", "data.grain_workers")
-
-
-class ConfigError(ValueError):
-    """A config key is unknown or holds a value the run cannot use."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -291,7 +291,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
     sweep_settings(c)
     need(c.mesh.fsdp >= 1, f"mesh.fsdp: must be >= 1, got {c.mesh.fsdp}")
     need(c.mesh.data == -1 or c.mesh.data >= 1, f"mesh.data: must be -1 (all devices) or >= 1, got {c.mesh.data}")
+    check_method_keys(c)
     method_module(c.method.name).validate(c)
+
+
+def check_method_keys(c: ml_collections.ConfigDict) -> None:
+    """``config.method`` holds exactly the settings of ``method.name`` (a method switched
+    by assigning ``config.method.name`` keeps the old method's settings: refused, naming
+    them and the way to switch)."""
+    name = c.method.name
+    want = set(method_module(name).defaults())
+    have = set(c.method.keys()) - {"name"}
+    missing, stale = sorted(want - have), sorted(have - want)
+    if missing or stale:
+        what = "; ".join(filter(None, (
+            f"it lacks {name}'s setting(s) {', '.join(f'method.{k}' for k in missing)}" if missing else "",
+            f"it holds {', '.join(f'method.{k}' for k in stale)}, which {name} does not have" if stale else "")))
+        raise ConfigError(f"method.name: {name!r}, but config.method is not {name}'s ({what}): switch methods with "
+                          f"jaxcl.config.set_method(config, {name!r}) (it takes {name}'s defaults), "
+                          f"--set method.name={name}, or the config argument method={name}")
 
 
 def steps_per_call(c: ml_collections.ConfigDict) -> int | None:

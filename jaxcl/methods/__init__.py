@@ -22,7 +22,7 @@ def build(config, model, info) -> Method:
     name = config.method.name
     if name not in available():
         raise ValueError(f"method.name: unknown method {name!r}; known: {', '.join(available())}")
-    return importlib.import_module(f"jaxcl.methods.{name}").make(config, model, info)
+    return importlib.import_module(f"jaxcl.methods.{name}").make(config, model, info)._replace(info=info)
 
 
 def first_sentence(doc: str | None, limit: int = 100) -> str:

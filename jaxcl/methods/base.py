@@ -36,6 +36,8 @@ frozen weight. To add a method, copy ``finetune.py``.
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.struct
@@ -43,11 +45,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxcl.config import ConfigError
-
 PyTree = Any
 # Model collections updated by the forward pass rather than by gradients.
 STATE_COLLECTIONS = ("batch_stats",)
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or holds a value the run cannot use (raised by each
+    method's ``validate`` and by :mod:`jaxcl.config`, which re-exports it)."""
+
+
+class ModelError(ValueError):
+    """A model breaks the model protocol, or lacks what a method needs of it."""
+
+
+class UntrainedBackboneWarning(UserWarning):
+    """A method that trains only on top of a frozen backbone (CLR, SGD-LL) is about to
+    train on a backbone that was never trained: its random initialisation."""
 
 
 @flax.struct.dataclass
@@ -90,6 +104,12 @@ class Method(NamedTuple):
     phases: Callable[[int], tuple]  # task index -> (Phase, ...)
     data: str  # 'current' (the task's data) or 'cumulative' (all tasks seen so far)
     report: Optional[Callable[[State], dict]]  # method-specific figures for results.json
+    # the stream the method was made for (jaxcl.method and jaxcl.methods.build fill it in):
+    # jaxcl.trainer checks task ids and labels against it
+    info: Any = None
+    # trains only on top of a backbone it never changes (CLR, SGD-LL): one that was never
+    # trained is warned about (make: no model.pretrained; jaxcl.trainer: at the first step)
+    frozen_backbone: bool = False
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -183,8 +203,13 @@ def epochs(config, n: int | None = None) -> int:
 
 def make(name: str, config, model, *, init=None, loss=None, transform_grads=None, begin_task=None,
          after_step=None, consolidate=None, after_phase=None, predict=None, phases=None, data: str = "current",
-         report=None) -> Method:
-    """A Method with the plain behaviour wherever a function is not given."""
+         report=None, frozen_backbone: bool = False) -> Method:
+    """A Method with the plain behaviour wherever a function is not given.
+    ``frozen_backbone``: the method trains only on top of the model's trunk, which it
+    never changes; without ``model.pretrained`` that is warned about
+    (:class:`UntrainedBackboneWarning`)."""
+    if frozen_backbone:
+        warn_untrained_backbone(name, config)
     single = (Phase("train", epochs(config)),)
     return Method(
         name=name,
@@ -199,6 +224,7 @@ def make(name: str, config, model, *, init=None, loss=None, transform_grads=None
         phases=phases or (lambda task: single),
         data=data,
         report=report,
+        frozen_backbone=frozen_backbone,
     )
 
 
@@ -244,6 +270,18 @@ def per_task(values, num_tasks: int, key: str, what: str = "values") -> tuple:
     return values
 
 
+def warn_untrained_backbone(method: str, config) -> None:
+    """Warn (:class:`UntrainedBackboneWarning`, once) when ``method`` trains on a frozen
+    backbone and ``config.model.pretrained`` gives none: the run would learn only on top
+    of random features. (``jaxcl.trainer`` checks your own loop's state at its first step
+    instead, as you may load the trunk into the state yourself.)"""
+    if not config.model.get("pretrained", ""):
+        warnings.warn(f"method {method} trains only on top of a frozen backbone and model.pretrained is empty: the backbone "
+                      "stays its random initialisation. Set model.pretrained to a torchvision/timm .safetensors file "
+                      "or an earlier jaxcl run's workdir (`jaxcl run pretrain` trains a trunk)",
+                      UntrainedBackboneWarning, stacklevel=4)
+
+
 # ----------------------------------------------------------------------------- the model protocol
 
 
@@ -261,3 +299,82 @@ def check_task_heads(method: str, params: PyTree, num_tasks: int) -> None:
     if not named or wrong:
         found = "no per-task head" if not named else f"{wrong[0]} without a leading axis of {num_tasks}"
         raise ValueError(f"{method} keeps one head per task (scenario=task) and the model has {found}: {HEADS_HOW}")
+
+
+PROTOCOL = "__call__(self, x, task=None, train=False)"
+
+
+def _signature(model) -> str:
+    try:
+        return f"__call__{inspect.signature(type(model).__call__)}"
+    except (TypeError, ValueError):
+        return "__call__ (signature unreadable)"
+
+
+class KeywordModel:
+    """A model whose ``__call__`` takes ``train`` (and ``task``, if at all) by keyword,
+    called the way methods call every model: ``init``/``apply(variables, x, task, train)``
+    positionally. The variables are the model's own (nothing is nested); any other
+    attribute is the model's (``model.clone(unit=...)`` clones the model and keeps the
+    adapter)."""
+
+    def __init__(self, model, takes_task: bool):
+        self.model, self.takes_task = model, takes_task
+
+    def _call(self, fn, first, x, task, train, kw):
+        extra = {"task": task} if self.takes_task else {}
+        return fn(first, x, train=train, **extra, **kw)
+
+    def init(self, rngs, x, task=None, train=False, **kw):
+        return self._call(self.model.init, rngs, x, task, train, kw)
+
+    def init_with_output(self, rngs, x, task=None, train=False, **kw):
+        return self._call(self.model.init_with_output, rngs, x, task, train, kw)
+
+    def apply(self, variables, x, task=None, train=False, **kw):
+        return self._call(self.model.apply, variables, x, task, train, kw)
+
+    def clone(self, **kw):
+        return type(self)(self.model.clone(**kw), self.takes_task)
+
+    def __getattr__(self, name):
+        if name == "model":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __repr__(self):
+        return f"KeywordModel({self.model!r})"
+
+
+def protocol_model(model):
+    """``model`` as methods call it (``model.apply(variables, x, task, train)``), or a
+    :class:`ModelError` naming the protocol and the model's signature.
+
+    Accepted: ``__call__(x, task=None, train=False)`` (called as is), and a ``train``
+    taken by keyword, with or without ``task``: ``__call__(x, *, train)``,
+    ``__call__(x, task=None, *, train=False)``, ``__call__(x, train=False)`` (wrapped in
+    :class:`KeywordModel`). A model without a ``train`` argument is refused."""
+    if isinstance(model, KeywordModel):
+        return model
+    call = getattr(type(model), "__call__", None)
+    try:
+        sig = inspect.signature(call)
+    except (TypeError, ValueError):
+        return model  # a builtin or C callable: nothing to read, called as is
+    params = list(sig.parameters.values())[1:]  # after self
+    kinds = inspect.Parameter
+    positional = [p.name for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    named = {p.name: p.kind for p in params if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)}
+    var_kw = any(p.kind == kinds.VAR_KEYWORD for p in params)
+    var_pos = any(p.kind == kinds.VAR_POSITIONAL for p in params)
+    takes_x = bool(positional) or var_pos
+    if positional[2:3] == ["train"] or var_pos and "train" not in named:
+        return model  # x, task, train by position: called as is
+    if takes_x and (named.get("train", kinds.POSITIONAL_ONLY) != kinds.POSITIONAL_ONLY or var_kw):
+        # train (and task) by keyword; the adapter takes the model's class name for messages
+        adapter = type(type(model).__name__, (KeywordModel,), {"__module__": KeywordModel.__module__})
+        return adapter(model, takes_task="task" in named or var_kw)
+    lacks = ("no train argument (True while training: dropout on, batch statistics updated; False to evaluate)"
+             if takes_x else "no positional input x")
+    raise ModelError(f"{type(model).__name__} breaks the model protocol, {PROTOCOL} (train may be keyword-only, "
+                     f"task may be left out): its {_signature(model)} takes {lacks}")

@@ -32,7 +32,9 @@ the reference trains with Adam lr 1e-3 and a step decay x0.1 every third of the 
 (the benchmark configs' ``method=clr`` defaults). The backbone comes from
 ``model.pretrained`` (a jaxcl run, e.g. ``jaxcl run pretrain``) and never changes: its
 weights are outside every trainable mask and outside the gradient (``stop_gradient``),
-which also spares the weight-gradient convolutions.
+which also spares the weight-gradient convolutions. Without ``model.pretrained`` the
+backbone is its random initialisation and ``make`` warns
+(:class:`~jaxcl.methods.base.UntrainedBackboneWarning`).
 """
 from __future__ import annotations
 
@@ -175,7 +177,8 @@ def make(config, model, info) -> base.Method:
     def report(state) -> dict[str, Any]:
         return param_report(state.params, num_tasks, variant)
 
-    return base.make("clr", config, model, init=init, begin_task=begin_task, loss=loss, report=report)
+    return base.make("clr", config, model, init=init, begin_task=begin_task, loss=loss, report=report,
+                     frozen_backbone=True)
 
 
 def param_report(params, num_tasks: int, variant: str) -> dict:

@@ -56,6 +56,13 @@ from jaxcl.models import layers
 
 MODES = ("source", "target", "combined")
 TEMPERATURE = 2.0
+# What ResCL needs of a model, for its refusals (and the README's model protocol).
+NEEDS = ("ResCL reaches a layer either through a field of the model that it swaps for its two-branch version, "
+         "as jaxcl.models.resnet.ResNet does: `unit: ModuleDef = jaxcl.models.layers.ConvNorm` (each conv and its "
+         "batch norm built as self.unit(features, kernel_size, strides, name=...)(x, task, train)), "
+         "`dense: ModuleDef = jaxcl.models.layers.Dense` (self.dense(features, name=...)(x, task)), `norm_unit` (a "
+         "norm standing alone); or as plain flax.linen.Dense/Conv layers without batch norm, found by interception. "
+         "jaxcl.models.layers classes called directly, not through those fields, are invisible to it")
 
 
 def defaults() -> dict:
@@ -171,7 +178,7 @@ def _clone(model, mode: str, a_init):
     if hasattr(model, "norm_unit"):
         kw["norm_unit"] = functools.partial(ResCLNorm, mode=mode, a_init=a_init)
     if not kw:
-        raise ValueError(f"ResCL needs a model built of units or dense layers; {type(model).__name__} has neither")
+        raise base.ModelError(f"ResCL found no layer to re-parameterise in {type(model).__name__}: {NEEDS}")
     return model.clone(**kw)
 
 
@@ -207,10 +214,12 @@ def make(config, model, info) -> base.Method:
     if isinstance(models["source"], _intercept.Intercepted):
         shapes = _intercept.collections(models["source"], jnp.zeros((1,) + tuple(info.input_shape)))
         if "rescl" not in shapes:
-            raise ValueError(f"ResCL combines dense and conv layers; {type(model).__name__} has none")
+            raise base.ModelError(f"ResCL found no layer to re-parameterise in {type(model).__name__} (no `unit` or "
+                                  f"`dense` field, no plain flax.linen Dense or Conv): {NEEDS}")
         if "batch_stats" in shapes:
-            raise ValueError(f"ResCL on a model of plain flax.linen layers ({type(model).__name__}) cannot fold its "
-                             "batch norm: build the model of jaxcl.models.layers ConvNorm units, or drop batch norm")
+            raise base.ModelError(f"ResCL cannot fold the batch norm of {type(model).__name__} (it has no `unit` field, "
+                                  "so its plain Dense/Conv layers are reached one by one, without their norm): "
+                                  f"{NEEDS}")
         base.check_task_heads("ResCL", shapes["params"], num_tasks)
         try:  # stage 2 distils every old head at once
             jax.eval_shape(lambda v: models["source"].apply(v, jnp.zeros((1,) + tuple(info.input_shape)), "all"), shapes)

@@ -8,7 +8,8 @@ domain-incremental scenarios every task's softmax runs over it all, so later tas
 overwrite what earlier ones learned there. In the task-incremental scenario a task's
 logits are its classes' slice of the layer and its loss touches only that slice: SGD-LL
 then coincides with CLR's ``variant=head`` (a linear probe per task, no forgetting). Without
-``model.pretrained`` the backbone is the random initialisation (useful in tests only).
+``model.pretrained`` the backbone is the random initialisation (useful in tests only), and
+``make`` warns (:class:`~jaxcl.methods.base.UntrainedBackboneWarning`).
 """
 from __future__ import annotations
 
@@ -66,4 +67,4 @@ def make(config, model, info) -> base.Method:
     def predict(state, x, task):
         return logits_of(state.params, state.model_state, x, task)
 
-    return base.make("sgd_ll", config, model, init=init, loss=loss, predict=predict)
+    return base.make("sgd_ll", config, model, init=init, loss=loss, predict=predict, frozen_backbone=True)
