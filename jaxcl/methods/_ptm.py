@@ -137,3 +137,57 @@ def pull(keys, query, idx, mask) -> jax.Array:
     kn, qn = l2_normalize(keys), l2_normalize(query)
     s = jnp.sum(kn[idx] * qn[:, None, :], axis=(1, 2))
     return jnp.sum(s * mask) / jnp.maximum(mask.sum(), 1.0)
+
+
+# ----------------------------------------------------------------------------- the prompt methods' skeleton
+
+
+def uniform(scale: float = 0.01):
+    """Flax's ``nn.initializers.uniform()`` (U[0, scale)), google-research/l2p's prompt
+    and key initialiser."""
+    return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, 0.0, scale)
+
+
+def prompt_method(name: str, config, model, info, *, init_prompts, forward, begin_task=None, zero_head=False,
+                  element_masks=False) -> base.Method:
+    """A Method that trains ``state.params["prompt"]`` (and the heads) on the frozen model.
+
+    ``init_prompts(rng, width) -> dict`` makes the method's arrays; ``forward(params,
+    state, x, task, train, rng, mask) -> (logits, penalty, metrics)`` is its model (``mask``
+    None at test time); the loss is the cross-entropy on the task's own output units plus
+    ``penalty``. ``zero_head``: heads start at zero (L2P's ``kernel_init=zeros``).
+    ``element_masks``: ``state.trainable`` holds a full-shape mask for every prompt array
+    (set by ``begin_task``: CODA-Prompt freezes components per task)."""
+    check_model(model, name)
+    units = output_units(info)
+
+    def init(rng, x):
+        state = base.init_state(model, rng, x)
+        params = dict(state.params)
+        if zero_head:
+            inner = dict(params["params"])
+            inner["head"] = jax.tree_util.tree_map(jnp.zeros_like, inner["head"])
+            params["params"] = inner
+        params[PROMPT] = init_prompts(jax.random.fold_in(rng, 11), model.width)
+        trainable = frozen_trunk(params, head=True)
+        if element_masks:
+            trainable[PROMPT] = jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, bool), params[PROMPT])
+        return state.replace(params=params, trainable=trainable)
+
+    def loss(params, state, batch, task, rng, phase):
+        logits, penalty, metrics = forward(params, state, batch["x"], task, True, rng, batch["mask"])
+        ce, metrics = masked_loss(logits, batch, task, units, metrics)
+        return ce + penalty, {"metrics": metrics}
+
+    def predict(state, x, task):
+        return forward(state.params, state, x, task, False, None, None)[0]
+
+    return base.make(name, config, model, init=init, loss=loss, predict=predict, begin_task=begin_task)
+
+
+def check_layers(model, key: str, layers) -> tuple:
+    """``method.<key>``: block indices of the model (a ConfigError naming the key)."""
+    layers = tuple(int(i) for i in layers)
+    base.need(all(0 <= i < model.depth for i in layers) and len(set(layers)) == len(layers), key,
+              f"{layers} are not distinct block indices of this {model.depth}-block model")
+    return layers
