@@ -155,7 +155,10 @@ def prompt_method(name: str, config, model, info, *, init_prompts, forward, begi
     ``init_prompts(rng, width) -> dict`` makes the method's arrays; ``forward(params,
     state, x, task, train, rng, mask) -> (logits, penalty, metrics)`` is its model (``mask``
     None at test time); the loss is the cross-entropy on the task's own output units plus
-    ``penalty``. ``zero_head``: heads start at zero (L2P's ``kernel_init=zeros``).
+    ``penalty``. At test time the output units of tasks not begun yet are never predicted
+    (CODA-Prompt's code cuts the logits to the classes seen so far; L2P's and DualPrompt's
+    leave them, at exactly 0 from their zero-initialised, never-trained head columns).
+    ``zero_head``: heads start at zero (L2P's ``kernel_init=zeros``).
     ``element_masks``: ``state.trainable`` holds a full-shape mask for every prompt array
     (set by ``begin_task``: CODA-Prompt freezes components per task)."""
     check_model(model, name)
@@ -172,7 +175,12 @@ def prompt_method(name: str, config, model, info, *, init_prompts, forward, begi
         trainable = frozen_trunk(params, head=True)
         if element_masks:
             trainable[PROMPT] = jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, bool), params[PROMPT])
-        return state.replace(params=params, trainable=trainable)
+        return state.replace(params=params, trainable=trainable,
+                             extra={"seen": jnp.zeros((info.num_outputs,), bool)})
+
+    def begin(state, task):
+        state = state.replace(extra={**state.extra, "seen": state.extra["seen"] | units[task]})
+        return state if begin_task is None else begin_task(state, task)
 
     def loss(params, state, batch, task, rng, phase):
         logits, penalty, metrics = forward(params, state, batch["x"], task, True, rng, batch["mask"])
@@ -180,9 +188,10 @@ def prompt_method(name: str, config, model, info, *, init_prompts, forward, begi
         return ce + penalty, {"metrics": metrics}
 
     def predict(state, x, task):
-        return forward(state.params, state, x, task, False, None, None)[0]
+        logits = forward(state.params, state, x, task, False, None, None)[0]
+        return jnp.where(state.extra["seen"], logits, NEG)
 
-    return base.make(name, config, model, init=init, loss=loss, predict=predict, begin_task=begin_task)
+    return base.make(name, config, model, init=init, loss=loss, predict=predict, begin_task=begin)
 
 
 def check_layers(model, key: str, layers) -> tuple:
