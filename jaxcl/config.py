@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.label_key = "label"  # TFDS feature holding the label (cifar100: coarse_label)
     c.data.download = False  # let TFDS download and prepare a missing dataset
     c.data.tfds_dir = ""  # TFDS data_dir (default: TFDS's own)
+    c.data.tfds_splits = ("train", "test")  # the TFDS splits read as train and test (e.g. test[:80%], test[80%:])
     c.data.num_classes = 0  # classes of data.name (0: the dataset's own, or those found in y_train)
     c.data.allow_missing_classes = False  # let a task hold a class with no training or test samples
     c.data.on_device = "auto"  # auto | true | false: keep the stream in device memory (auto: when it fits)
@@ -280,6 +281,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f"data.on_device: {c.data.on_device!r} is not one of auto, true, false")
     need(c.data.pipeline in ("memory", "grain", "auto"),
          f"data.pipeline: {c.data.pipeline!r} is not one of memory, grain, auto")
+    need(len(c.data.tfds_splits) == 2 and all(isinstance(s, str) and s for s in c.data.tfds_splits),
+         f"data.tfds_splits: expected two TFDS split names (train, test), got {tuple(c.data.tfds_splits)}")
     need(c.data.image_size >= 0, f"data.image_size: must be >= 0 (0: as stored), got {c.data.image_size}")
     need(c.data.grain_workers >= -1, f"data.grain_workers: must be -1 (auto), 0 or more, got {c.data.grain_workers}")
     need(c.data.memory_budget_mb >= 0, f"data.memory_budget_mb: must be >= 0 (0: auto), got {c.data.memory_budget_mb}")

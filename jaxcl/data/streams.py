@@ -420,7 +420,8 @@ def build(cfg) -> Stream:
 
     def get(name, num_classes=0):
         return load(name, d.source, d.dir, label_key=d.label_key, download=d.download, tfds_dir=d.tfds_dir,
-                    num_classes=num_classes, image_size=d.get("image_size", 0), lazy=pipeline != "memory")
+                    num_classes=num_classes, image_size=d.get("image_size", 0), lazy=pipeline != "memory",
+                    tfds_splits=tuple(d.get("tfds_splits", ("train", "test"))))
 
     if d.stream == "multi":
         if num_classes:
