@@ -289,9 +289,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     steps_per_call(c)
     seeds = tuple(c.seeds)
     need(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds), f"seeds: expected integers, got {seeds}")
+    need(all(s >= 0 for s in seeds), f"seeds: every seed must be an integer >= 0, got {seeds}")
+    need(isinstance(c.seed, int) and c.seed >= 0, f"seed: must be an integer >= 0, got {c.seed!r}")
     dup = sorted({s for s in seeds if seeds.count(s) > 1})
     need(not dup, f"seeds: {dup} given more than once")
-    sweep_settings(c)
+    _validate_sweep(c, sweep_settings(c))
     need(c.mesh.fsdp >= 1, f"mesh.fsdp: must be >= 1, got {c.mesh.fsdp}")
     need(c.mesh.data == -1 or c.mesh.data >= 1, f"mesh.data: must be -1 (all devices) or >= 1, got {c.mesh.data}")
     check_method_keys(c)
@@ -313,6 +315,29 @@ def check_method_keys(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"method.name: {name!r}, but config.method is not {name}'s ({what}): switch methods with "
                           f"jaxcl.config.set_method(config, {name!r}) (it takes {name}'s defaults), "
                           f"--set method.name={name}, or the config argument method={name}")
+
+
+def _validate_sweep(c: ml_collections.ConfigDict, settings: list[dict]) -> None:
+    """Every swept value passes the checks its key gets from ``--set``: each value alone
+    first (the message names it), then each setting of the grid."""
+    if not c.sweep:
+        return
+    seen = set()
+    for st in settings:
+        for k, v in st.items():
+            if (k, v) not in seen:
+                seen.add((k, v))
+                _validate_setting(c, {k: v}, f"--sweep {k}={v:g}")
+    if len(settings[0]) > 1:
+        for st in settings:
+            _validate_setting(c, st, f"--sweep setting {setting_name(st)}")
+
+
+def _validate_setting(c: ml_collections.ConfigDict, setting: dict, where: str) -> None:
+    try:
+        validate(override(c, ["sweep=()"] + [f"{k}={v!r}" for k, v in setting.items()]))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def steps_per_call(c: ml_collections.ConfigDict) -> int | None:
