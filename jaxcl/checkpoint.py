@@ -118,6 +118,7 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), create=True,
                                                  enable_async_checkpointing=False),
         )
+        self._unverified_warned: set = set()  # one warning per checkpoint, however often it is read
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
@@ -172,7 +173,8 @@ class Checkpointer:
             shown = ", ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
             raise CheckpointError(f"checkpoint {self.directory / str(index)} is damaged or unreadable: its files "
                                   f"differ from its checksum manifest: {shown}{self._advice(index)}")
-        if problems is None:
+        if problems is None and index not in self._unverified_warned:
+            self._unverified_warned.add(index)
             warnings.warn(f"checkpoint {self.directory / str(index)} has no checksum manifest (written by an older "
                           "jaxcl, or cut off before it); restoring it unverified", CheckpointWarning, stacklevel=3)
         return index

@@ -45,6 +45,9 @@ def cmd_run(args) -> int:
     if args.seeds is not None:
         if not args.seeds:
             raise config_lib.ConfigError("--seeds: give at least one seed, e.g. --seeds 0 1 2")
+        negative = [s for s in args.seeds if s < 0]
+        if negative:
+            raise config_lib.ConfigError(f"--seeds: seeds are integers >= 0, got {' '.join(map(str, negative))}")
         config = config_lib.override(config, [f"seeds={tuple(args.seeds)!r}"])
     if args.sweep:
         config = config_lib.override(config, [f"sweep={tuple(args.sweep)!r}"])

@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.label_key = "label"  # TFDS feature holding the label (cifar100: coarse_label)
     c.data.download = False  # let TFDS download and prepare a missing dataset
     c.data.tfds_dir = ""  # TFDS data_dir (default: TFDS's own)
+    c.data.tfds_splits = ("train", "test")  # the TFDS splits read as train and test (e.g. test[:80%], test[80%:])
     c.data.num_classes = 0  # classes of data.name (0: the dataset's own, or those found in y_train)
     c.data.allow_missing_classes = False  # let a task hold a class with no training or test samples
     c.data.on_device = "auto"  # auto | true | false: keep the stream in device memory (auto: when it fits)
@@ -298,18 +299,45 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f"data.on_device: {c.data.on_device!r} is not one of auto, true, false")
     need(c.data.pipeline in ("memory", "grain", "auto"),
          f"data.pipeline: {c.data.pipeline!r} is not one of memory, grain, auto")
+    need(len(c.data.tfds_splits) == 2 and all(isinstance(s, str) and s for s in c.data.tfds_splits),
+         f"data.tfds_splits: expected two TFDS split names (train, test), got {tuple(c.data.tfds_splits)}")
     need(c.data.image_size >= 0, f"data.image_size: must be >= 0 (0: as stored), got {c.data.image_size}")
     need(c.data.grain_workers >= -1, f"data.grain_workers: must be -1 (auto), 0 or more, got {c.data.grain_workers}")
     need(c.data.memory_budget_mb >= 0, f"data.memory_budget_mb: must be >= 0 (0: auto), got {c.data.memory_budget_mb}")
     steps_per_call(c)
     seeds = tuple(c.seeds)
     need(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds), f"seeds: expected integers, got {seeds}")
+    need(all(s >= 0 for s in seeds), f"seeds: every seed must be an integer >= 0, got {seeds}")
+    need(isinstance(c.seed, int) and c.seed >= 0, f"seed: must be an integer >= 0, got {c.seed!r}")
     dup = sorted({s for s in seeds if seeds.count(s) > 1})
     need(not dup, f"seeds: {dup} given more than once")
-    sweep_settings(c)
+    _validate_sweep(c, sweep_settings(c))
     need(c.mesh.fsdp >= 1, f"mesh.fsdp: must be >= 1, got {c.mesh.fsdp}")
     need(c.mesh.data == -1 or c.mesh.data >= 1, f"mesh.data: must be -1 (all devices) or >= 1, got {c.mesh.data}")
     method_module(c.method.name).validate(c)
+
+
+def _validate_sweep(c: ml_collections.ConfigDict, settings: list[dict]) -> None:
+    """Every swept value passes the checks its key gets from ``--set``: each value alone
+    first (the message names it), then each setting of the grid."""
+    if not c.sweep:
+        return
+    seen = set()
+    for st in settings:
+        for k, v in st.items():
+            if (k, v) not in seen:
+                seen.add((k, v))
+                _validate_setting(c, {k: v}, f"--sweep {k}={v:g}")
+    if len(settings[0]) > 1:
+        for st in settings:
+            _validate_setting(c, st, f"--sweep setting {setting_name(st)}")
+
+
+def _validate_setting(c: ml_collections.ConfigDict, setting: dict, where: str) -> None:
+    try:
+        validate(override(c, ["sweep=()"] + [f"{k}={v!r}" for k, v in setting.items()]))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def steps_per_call(c: ml_collections.ConfigDict) -> int | None:

@@ -148,11 +148,14 @@ def _setting(setting: dict) -> str:
 def compare_table(runs: Sequence[tuple[str, dict]]) -> str:
     """One row per run: where, benchmark, method, scenario, ACC, BWT, FWT, forgetting, time."""
     cols = ("run", "benchmark", "method", "scenario", "tasks", "ACC%", "BWT", "FWT", "forget", "wall_s")
+    flat = []
+    for where, r in runs:
+        if "settings" in r:  # a sweep: one row per setting (mean +- std over its seeds)
+            flat += [(f"{where}/{_setting(x['setting'])}", {**x, "num_tasks": r["num_tasks"]}) for x in r["settings"]]
+        else:
+            flat.append((where, r))
     rows = []
-    for where, r in list(runs):
-        if "settings" in r:  # a sweep: one row per setting
-            runs += [(f"{where}/{_setting(x['setting'])}", {**x, "num_tasks": r["num_tasks"]}) for x in r["settings"]]
-            continue
+    for where, r in flat:
         pm = (lambda k, f: f"{100 * r[k]:{f}} +- {100 * r[k + '_std']:.2f}") if "seeds" in r else \
             (lambda k, f: f"{100 * r[k]:{f}}")
         rows.append((str(where), r["benchmark"], r["method"], r["scenario"], str(r["num_tasks"]),

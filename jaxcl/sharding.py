@@ -172,3 +172,27 @@ def put_local(tree, shardings, batch_axis: int):
         return _put_one(a, sh)
 
     return jax.tree_util.tree_map(one, tree, shardings)
+
+
+# How many programs of one chain (each taking the previous one's output) may be in flight
+# on virtual CPU devices; see :func:`pace`.
+CPU_CHAIN_IN_FLIGHT = 4
+
+
+def pace(state, calls: int, mesh: Mesh):
+    """Wait for ``state`` every :data:`CPU_CHAIN_IN_FLIGHT` calls of a chain of programs
+    (``calls``: how many were dispatched so far) when the mesh is several CPU devices of
+    one process; otherwise return at once.
+
+    XLA:CPU launches each device's part of a program from a shared thread pool, in no
+    fixed order, and admits a bounded number of programs per device (32; 1 without
+    asynchronous dispatch). A chain dispatched faster than it runs (the consolidation
+    pass of a resident stream: its items are a few indices) can then fill one device's
+    slots with later links waiting for an earlier one that cannot start, while the other
+    devices wait for it in that link's all-reduce: a deadlock, which the runtime ends by
+    aborting the process after 40 s. Keeping the host at most a few links ahead makes it
+    impossible, at no cost on a CPU (the host has nothing else to overlap)."""
+    devices = mesh.devices.flat
+    if calls % CPU_CHAIN_IN_FLIGHT == 0 and mesh.devices.size > 1 and devices[0].platform == "cpu":
+        jax.block_until_ready(state)
+    return state

@@ -524,9 +524,15 @@ class _Logger:
     def __init__(self, S: Setup, writers, every: int):
         self.S, self.writers, self.every = S, writers, every
         self.window = [[] for _ in range(S.R)]
+        self.first = [None] * S.R  # each run's first loss: the scale a NaN's advice judges losses by
+        self.peak = [0.0] * S.R  # each run's largest loss since the last checkpoint
 
     def add(self, r: int, rows: list[dict]) -> None:
         self.window[r].extend(rows)
+        losses = [x["loss"] for x in rows if np.isfinite(x["loss"])]
+        if losses:
+            self.first[r] = losses[0] if self.first[r] is None else self.first[r]
+            self.peak[r] = max(self.peak[r], max(losses))
 
     def flush(self, r: int, step: int, end_of_epoch: bool, **where) -> dict | None:
         w = self.window[r]
@@ -621,8 +627,9 @@ def train_task(S: Setup, state, t: int, pos: Position, record: dict, hooks) -> S
         if "consolidate" in S.fns:
             consolidate = S.fns["consolidate"](phase.name)
             axis = 1 if S.feed.per_run else 0
-            for item in S.feed.pass_items("train", t, B):
+            for i, item in enumerate(S.feed.pass_items("train", t, B), 1):
                 state = consolidate(state, S.src.get("train"), _items(S, item, axis), task_id)
+                sharding.pace(state, i, S.mesh)  # a chain of programs: see sharding.pace
         state = S.fns["after_phase"](phase.name)(state, task_id)
     return state
 
@@ -702,6 +709,7 @@ class _Hooks:
         self.t_start, self.wall_before = t_start, wall_before
         self.phase_clock = None
         self.logger = _Logger(S, writers, max(S.config.log.every_steps, 1))
+        self._finite = None  # compiled on the first save
 
     def clock_start(self) -> None:
         self.phase_clock = time.perf_counter()
@@ -714,19 +722,43 @@ class _Hooks:
 
     def nan(self, r: int, t: int, phase: str, epoch: int, step: int, record: dict) -> None:
         start = record["task_start_step"][r]
-        latest = self.ckpt.latest()
-        if latest is not None:
-            m = self.ckpt.read_meta(latest)["position"]
-            saved = (f"the newest checkpoint, {self.ckpt.directory / str(latest)}, holds the state from before it "
-                     f"(task {m['task']}, phase {m['phase']}, epoch {m['epoch']}, batch {m['batch']}). Lower "
-                     "optimizer.lr (or check the data) and continue from there with --resume --allow-change "
-                     "optimizer.lr")
-        else:
-            saved = ("no checkpoint had been written yet, so nothing is kept: lower optimizer.lr (or check the "
-                     "data) and start again")
         raise NonFiniteLossError(
             f"the loss is not finite (NaN or inf) at {self.S.run_words(r)}task {t}, phase {phase!r}, epoch {epoch}: "
-            f"global step {step} (step {step - start} of the task); {saved}")
+            f"global step {step} (step {step - start} of the task); {self._advice(r)}")
+
+    def _advice(self, r: int) -> str:
+        """Which kept checkpoint can be resumed from: the newest whose parameters are
+        finite and whose loss, over the steps before it, stayed in range (at most
+        LOSS_RANGE times the run's first loss); or say that none can."""
+        kept = sorted(self.ckpt.manager.all_steps(), reverse=True)
+        if not kept:
+            return ("no checkpoint had been written yet, so nothing is kept: lower optimizer.lr (or check the "
+                    "data) and start again")
+        why = []
+        for i in kept:
+            try:
+                meta = self.ckpt.read_meta(i)
+            except ckpt_lib.CheckpointError:
+                why.append(f"{i} is damaged")
+                continue
+            health, m = meta["record"].get("health"), meta["position"]
+            if health is None:
+                why.append(f"{i} was written without a record of its loss")
+                continue
+            first, peak = health["first_loss"][r], health["loss_peak"][r]
+            if not health["finite"][r]:
+                why.append(f"{i} holds parameters that are not finite")
+            elif first is not None and peak > LOSS_RANGE * max(first, 1e-3):
+                why.append(f"{i} was written after the loss had reached {peak:.3g} ({LOSS_RANGE}x the run's first "
+                           f"loss, {first:.3g}, is the range)")
+            else:
+                how = "--resume" if i == kept[0] else f"--resume-from {i}"
+                return (f"checkpoint {self.ckpt.directory / str(i)} holds finite parameters written while the loss "
+                        f"was in range (task {m['task']}, phase {m['phase']}, epoch {m['epoch']}, batch "
+                        f"{m['batch']}){': ' + '; '.join(why) + ' (not advised)' if why else ''}. Lower optimizer.lr "
+                        f"(or check the data) and continue from it with {how} --allow-change optimizer.lr")
+        return (f"no kept checkpoint can be resumed from ({'; '.join(why)}): start again in a new --workdir with "
+                "a lower optimizer.lr (or check the data)")
 
     def save(self, state, at: Position) -> None:
         bad = np.atleast_1d(distributed.fetch(state.bad_step))
@@ -739,9 +771,33 @@ class _Hooks:
         self.record["wall_s"] = self.wall_before + time.perf_counter() - self.t_start
         index = self.record["saves"]
         self.record["saves"] += 1  # the number the next save (after a resume too) will take
+        # what a NaN later tells the user about this checkpoint (see _advice)
+        if self._finite is None:
+            self._finite = jax.jit(functools.partial(_finite_params, runs=self.S.R))
+        lg = self.logger
+        self.record["health"] = {"finite": np.atleast_1d(distributed.fetch(self._finite(state))).tolist(),
+                                 "loss_peak": list(lg.peak), "first_loss": list(lg.first)}
+        lg.peak = [0.0] * self.S.R
+        # where the logs stand: a resume cuts them back to here and goes on with the
+        # window of steps not yet logged, so they read as those of an uninterrupted run
+        self.record["logs"] = {"offsets": [w.offset() for w in lg.writers], "window": lg.window,
+                               "first": lg.first}
         meta = {"config": config_lib.fingerprint(self.S.config), "position": dataclasses.asdict(at),
                 "record": self.record}
         self.ckpt.save(index, state, meta)
+
+
+# A checkpoint is advised after a NaN only if the loss before it stayed within this many
+# times the run's first loss (a loss 100x its value at initialisation is diverging).
+LOSS_RANGE = 100
+
+
+def _finite_params(state: State, runs: int) -> jax.Array:
+    """Whether every parameter of each run is finite: ``[runs]`` bools."""
+    leaves = [a for a in jax.tree_util.tree_leaves(state.params) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    per = [jnp.all(jnp.isfinite(a).reshape(runs, -1) if runs > 1 else jnp.isfinite(a).reshape(1, -1), axis=1)
+           for a in leaves]
+    return jnp.all(jnp.stack(per), axis=0)
 
 
 def run(config, workdir: str | Path, *, resume: bool = False, resume_from: int | None = None,
@@ -761,6 +817,7 @@ def run(config, workdir: str | Path, *, resume: bool = False, resume_from: int |
     config_lib.validate(config)
     workdir = Path(workdir)
     created = not workdir.exists()
+    started = False  # whether this run has begun to write its logs and results (past every refusal)
     primary = distributed.is_primary()  # only process 0 writes files and talks
     echo = echo if primary else (lambda s: None)
     try:
@@ -771,11 +828,20 @@ def run(config, workdir: str | Path, *, resume: bool = False, resume_from: int |
             cleanup.callback(ckpt.close)
             state, pos, record = _restore_or_init(S, ckpt, resume, workdir, echo, resume_from, allow_change)
             run_dirs = [S.run_dir(workdir, r) for r in range(S.R)]
+            started = True
+            if record["saves"] == 0 and primary:  # a fresh run: nothing of an earlier one stays
+                _clear_outputs(workdir)
             writers = [logs.Writer(d, tensorboard=config.log.tensorboard) if primary else logs.NullWriter()
                        for d in run_dirs]
             for w in writers:
                 cleanup.callback(w.close)
             hooks = _Hooks(S, ckpt, record, t_start, record["wall_s"], writers)
+            resumed_logs = record.get("logs")  # None: a fresh run, or a checkpoint older than log offsets
+            for r, w in enumerate(writers):
+                w.start(resumed_logs["offsets"][r] if resumed_logs else (None if record["saves"] else 0))
+            if resumed_logs:
+                hooks.logger.window = [list(w) for w in resumed_logs["window"]]
+                hooks.logger.first = list(resumed_logs["first"])
 
             if record["runs"][0]["initial_accuracy"] is None:
                 for rr, acc in zip(record["runs"], evaluate(S, state)):
@@ -794,22 +860,58 @@ def run(config, workdir: str | Path, *, resume: bool = False, resume_from: int |
                 pos = Position(t + 1, 0, 0, 0)
                 hooks.save(state, pos)
             record["wall_s"] = hooks.wall_before + time.perf_counter() - t_start
-            return _write_results(S, state, record, workdir, run_dirs, writers)
+            results = _write_results(S, state, record, workdir, run_dirs, writers)
+            if primary:
+                (workdir / FAILED).unlink(missing_ok=True)  # an earlier failure no longer describes it
+            return results
     except BaseException as e:
         if primary:
-            _after_failure(workdir, created, e)
+            _after_failure(workdir, created, started, e)
         raise
 
 
-def _after_failure(workdir: Path, created: bool, e: BaseException) -> None:
-    """A run that dies before its first checkpoint leaves no empty workdir behind: one it
-    created and holds nothing is removed; one with logs says why it stopped."""
-    if not created or not workdir.exists() or any((workdir / "checkpoints").glob("*")):
+FAILED = "FAILED.txt"
+# What a run writes in its workdir and in each run's folder (seed_<k>/, a sweep setting's).
+_OUTPUTS = (FAILED, "results.json", "summary.json", "metrics.jsonl", "accuracy_matrix.png", "task_accuracy.png",
+            "tensorboard")
+
+
+def _clear_outputs(workdir: Path) -> None:
+    """Remove what an earlier run that left no checkpoint wrote in ``workdir`` (its logs,
+    FAILED.txt, its seed and setting folders), so that the workdir describes this run only.
+    Only jaxcl's own file names are touched."""
+    def clear(d: Path, depth: int) -> None:
+        for name in _OUTPUTS:
+            p = d / name
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
+        if depth == 0:
+            return
+        for sub in [p for p in d.iterdir() if p.is_dir() and (p.name.startswith("seed_") or "=" in p.name)]:
+            clear(sub, depth - 1)
+            if not any(sub.iterdir()):
+                sub.rmdir()
+
+    clear(workdir, 2)
+
+
+def _after_failure(workdir: Path, created: bool, started: bool, e: BaseException) -> None:
+    """The workdir of a run that failed says so: one it created and that holds nothing
+    is removed; a refusal before the run began leaves the workdir as it was; otherwise
+    FAILED.txt says why it stopped and whether its checkpoints can be continued."""
+    if not workdir.exists():
         return
-    if not any(f.is_file() and f.stat().st_size for f in workdir.rglob("*")):
+    if created and not any(f.is_file() and f.stat().st_size for f in workdir.rglob("*")):
         shutil.rmtree(workdir, ignore_errors=True)
         return
-    (workdir / "FAILED.txt").write_text(f"this run stopped before its first checkpoint:\n{type(e).__name__}: {e}\n")
+    if not started:
+        return
+    kept = any((workdir / "checkpoints").glob("[0-9]*"))
+    (workdir / FAILED).write_text(
+        f"this run stopped {'after' if kept else 'before'} its first checkpoint:\n{type(e).__name__}: {e}\n"
+        + ("its checkpoints are kept: continue with --resume (see the error above for which one)\n" if kept else ""))
 
 
 def _write_results(S: Setup, state, record: dict, workdir: Path, run_dirs: list, writers) -> dict:

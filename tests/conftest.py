@@ -3,6 +3,7 @@ are skipped (cleanly, with the reason) when it is not."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,87 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 collect_ignore_glob = ["fixtures/*"]
 
 
+def jax_test_cache_dir() -> str:
+    """Where the test session keeps JAX's persistent compilation cache: the user's cache
+    folder, not the clone, so a fresh clone on the same machine reuses it."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxcl", "jax-tests")
+
+
 def pytest_configure(config):
     # Keep the npz cache of the test session out of the user's ~/.cache.
     os.environ.setdefault("JAXCL_CACHE_DIR", str(Path(config.rootpath) / ".pytest_cache" / "jaxcl-data"))
+    # JAX's persistent compilation cache: a second run loads compiled programs instead of
+    # compiling them again (most of the suite's time is XLA compiles of tiny models). Set
+    # through the environment so the subprocesses the tests start (`jaxcl run`, launched
+    # jobs) use it too; a JAX_COMPILATION_CACHE_DIR of your own wins, an empty one turns it
+    # off. Safe with concurrent workers: an entry read while another process writes it is
+    # a cache miss with a warning, never a wrong program.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", jax_test_cache_dir())
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # every program: loading beats compiling
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")  # no size floor
+    if "jax" in sys.modules:  # imported before us (a plugin): its flags already read the environment
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"] or None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                          int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+# JAXCL_TEST_TIMES=<file>: one tab-separated line per test (its setup, call and teardown):
+# node id, wall s, CPU s of this process and of the subprocesses it waited for, seconds in
+# XLA compiles (or persistent-cache loads), in tracing and in lowering, and the persistent
+# cache's hits and misses. CPU time is what the test costs on a loaded machine.
+_TIMES = os.environ.get("JAXCL_TEST_TIMES")
+_jax_events = {"compile": 0.0, "trace": 0.0, "lower": 0.0, "hits": 0, "misses": 0}
+
+
+def _listen_to_jax():
+    from jax import monitoring
+
+    names = {"/jax/core/compile/backend_compile_duration": "compile",
+             "/jax/core/compile/jaxpr_trace_duration": "trace",
+             "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower"}
+
+    def duration(event, secs, **kw):
+        if event in names:
+            _jax_events[names[event]] += secs
+
+    def count(event, **kw):
+        if event == "/jax/compilation_cache/cache_hits":
+            _jax_events["hits"] += 1
+        elif event == "/jax/compilation_cache/cache_misses":
+            _jax_events["misses"] += 1
+
+    monitoring.register_event_duration_secs_listener(duration)
+    monitoring.register_event_listener(count)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not _TIMES:
+        yield
+        return
+    import resource
+    import time
+
+    if "listening" not in _jax_events:
+        _jax_events["listening"] = True
+        _listen_to_jax()
+
+    def cpu():
+        a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return a.ru_utime + a.ru_stime, b.ru_utime + b.ru_stime
+
+    before, t0, (c0, k0) = dict(_jax_events), time.perf_counter(), cpu()
+    yield
+    wall, (c1, k1) = time.perf_counter() - t0, cpu()
+    d = {k: _jax_events[k] - before[k] for k in ("compile", "trace", "lower", "hits", "misses")}
+    with open(_TIMES, "a") as f:
+        f.write(f"{item.nodeid}\t{wall:.2f}\t{c1 - c0:.2f}\t{k1 - k0:.2f}\t{d['compile']:.2f}\t{d['trace']:.2f}\t"
+                f"{d['lower']:.2f}\t{d['hits']}\t{d['misses']}\n")
 
 
 @pytest.fixture

@@ -258,7 +258,7 @@ def _lazy_shape(name: str, shape, size: int) -> tuple:
 
 def load(name: str, source: str = "auto", directory: str = "", *, label_key: str = "label",
          download: bool = False, tfds_dir: str = "", num_classes: int = 0, image_size: int = 0,
-         lazy: bool = False) -> Dataset:
+         lazy: bool = False, tfds_splits: tuple = ("train", "test")) -> Dataset:
     """Load dataset ``name`` from ``source`` (``auto`` tries sklearn, npz, then TFDS).
     ``num_classes`` declares the classes (default: the dataset's own declaration, such
     as TFDS's or :data:`NUM_CLASSES`, else those found in the training split).
@@ -281,7 +281,7 @@ def load(name: str, source: str = "auto", directory: str = "", *, label_key: str
         return load_npz(npz, name, num_classes, **opts)
     try:
         return load_tfds(name, label_key=label_key, download=download, data_dir=tfds_dir or None,
-                         num_classes=num_classes, **opts)
+                         num_classes=num_classes, tfds_splits=tuple(tfds_splits), **opts)
     except DataError as e:
         where = f"no {npz}" if npz else f"no data directory (data.dir / ${DATA_DIR_ENV})"
         raise DataError(f"dataset {name!r} not found: {where}, and TFDS: {e}") from None
@@ -366,9 +366,11 @@ def load_npz(path: Path, name: str | None = None, num_classes: int = 0, image_si
 
 def load_tfds(name: str, *, label_key: str = "label", image_key: str = "image",
               download: bool = False, data_dir: str | None = None, num_classes: int = 0,
-              image_size: int = 0, lazy: bool = False) -> Dataset:
-    """Read every example of a TFDS dataset's train and test splits into memory, or
-    (``lazy``) only their labels, the images staying in the ArrayRecord files."""
+              image_size: int = 0, lazy: bool = False, tfds_splits: tuple = ("train", "test")) -> Dataset:
+    """Read every example of a TFDS dataset's train and test splits (``tfds_splits``: the
+    TFDS split names read as train and test, e.g. ``("test[:80%]", "test[80%:]")`` for a
+    dataset with one split) into memory, or (``lazy``) only their labels, the images
+    staying in the ArrayRecord files."""
     import tensorflow_datasets as tfds
 
     try:
@@ -383,7 +385,7 @@ def load_tfds(name: str, *, label_key: str = "label", image_key: str = "image",
     num_classes = num_classes or getattr(features[label_key], "num_classes", None)
     coarse_key = "coarse_label" if "coarse_label" in features and label_key != "coarse_label" else None
     splits, coarse = [], []
-    for split in ("train", "test"):
+    for split in tfds_splits:
         try:
             src = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
         except Exception as e:  # not prepared and download=False, no network, ...

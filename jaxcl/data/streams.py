@@ -348,6 +348,7 @@ def multi(datasets: Sequence[Dataset], *, scenario: str = "task", classes_per_ta
     ``shape`` (H, W, C), by default the largest of the datasets' (MNIST 28x28x1 -> 32x32x3
     next to CIFAR-10; give (32, 32, 3) to feed MNIST alone to a backbone pretrained on
     CIFAR). Each dataset keeps its own normalisation."""
+    _refuse_repeats([d.name for d in datasets])
     rng = np.random.default_rng([seed, 4])
     if shape and len(shape) != 3:
         raise DataError(f"data.image_shape: expected (H, W, C), got {tuple(shape)}")
@@ -366,6 +367,16 @@ def multi(datasets: Sequence[Dataset], *, scenario: str = "task", classes_per_ta
             tasks.append(_make_task(name, _rows(xtr, tr), d.y_train[tr] - start, _rows(xte, te), d.y_test[te] - start, cls,
                                     mean, std, limits, rng))
     return Stream("multi_" + "_".join(d.name for d in datasets), scenario, tuple(tasks), allow_missing_classes)
+
+
+def _refuse_repeats(names) -> None:
+    """A multi stream lists each dataset once: the same dataset twice would be the same
+    task learned twice under two task ids, its test set counted twice in ACC and BWT."""
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    if twice:
+        raise DataError(f"data.datasets: {', '.join(map(repr, twice))} listed more than once ({list(names)}); "
+                        "each dataset makes its own tasks, so list it once (data.classes_per_task cuts one "
+                        "dataset into several tasks)")
 
 
 def _select(stream: Stream, keep) -> Stream:
@@ -420,12 +431,14 @@ def build(cfg) -> Stream:
 
     def get(name, num_classes=0):
         return load(name, d.source, d.dir, label_key=d.label_key, download=d.download, tfds_dir=d.tfds_dir,
-                    num_classes=num_classes, image_size=d.get("image_size", 0), lazy=pipeline != "memory")
+                    num_classes=num_classes, image_size=d.get("image_size", 0), lazy=pipeline != "memory",
+                    tfds_splits=tuple(d.get("tfds_splits", ("train", "test"))))
 
     if d.stream == "multi":
         if num_classes:
             raise DataError("data.num_classes declares the classes of data.name; a multi stream takes each "
                             "dataset's own")
+        _refuse_repeats(list(d.datasets))
         datasets = [get(n) for n in d.datasets]
     else:
         if d.tasks:

@@ -12,6 +12,8 @@ from jaxcl.models.layers import Conv, ConvNorm, Dense, Heads, Norm
 from jaxcl.models.mlp import MLP
 from jaxcl.models.resnet import BasicBlock, Bottleneck, ResNet
 from jaxcl.models.vgg import VGG
+from jaxcl.models.vit import ViT, LayerNorm
+from jaxcl.models import vit as _vit
 from jaxcl.models.wrn import WideResNet
 
 _MODELS = {
@@ -26,7 +28,9 @@ _MODELS = {
     "vgg16_bn": functools.partial(VGG, batch_norm=True, conv_bias=True, pool=7, dropout=0.5),
     "vgg16_bn_cifar": VGG,
     "wrn28_2": functools.partial(WideResNet, depth=28, widen=2),
+    **{name: _vit.variant(name) for name in _vit.VARIANTS},
 }
+VITS = tuple(_vit.VARIANTS)
 
 DESCRIPTIONS = {
     "mlp": "MLP on flattened input (model.hidden, model.activation, model.dropout)",
@@ -40,6 +44,11 @@ DESCRIPTIONS = {
     "vgg16_bn": "torchvision's ImageNet VGG-16-BN: vgg16 with batch norm after every conv",
     "vgg16_bn_cifar": "VGG-16 with batch norm for 32x32 inputs, dense 512-4096-4096 trunk (CPG's vgg16_bn_cifar100)",
     "wrn28_2": "Wide ResNet 28-2, pre-activation, for 32x32 inputs",
+    "vit_ti16": "timm's ViT-Ti/16 (vit_tiny_patch16_224): width 192, depth 12, 3 heads, 5.5M parameters",
+    "vit_s16": "timm's ViT-S/16 (vit_small_patch16_224): width 384, depth 12, 6 heads, 21.7M parameters",
+    "vit_b16": "timm's ViT-B/16 (vit_base_patch16_224): width 768, depth 12, 12 heads, 85.8M parameters",
+    "vit_l16": "timm's ViT-L/16 (vit_large_patch16_224): width 1024, depth 24, 16 heads, 303M parameters",
+    "vit_cifar": "small ViT for CPUs: patch 4 (on 32x32: 64 patches), width 64, depth 4, 4 heads (model.width)",
 }
 
 
@@ -58,9 +67,11 @@ def build(cfg_model, info, **overrides):
         kw.update(hidden=tuple(cfg_model.hidden), activation=cfg_model.activation, dropout=cfg_model.dropout)
     elif cfg_model.width:
         kw.update(width=cfg_model.width)
+    if name in VITS:  # the position embedding's grid comes from the images; dropout as the MLP's
+        kw.update(image_size=tuple(info.input_shape[:2]), dropout=cfg_model.dropout)
     kw.update(overrides)
     return _MODELS[name](**kw)
 
 
 __all__ = ["BasicBlock", "Bottleneck", "CNN", "Conv", "ConvNorm", "DESCRIPTIONS", "Dense", "Heads", "MLP", "Norm",
-           "ResNet", "VGG", "WideResNet", "available", "build"]
+           "ResNet", "VGG", "VITS", "ViT", "LayerNorm", "WideResNet", "available", "build"]

@@ -1,0 +1,75 @@
+"""SimpleCIL (Zhou et al., "Revisiting Class-Incremental Learning with Pre-Trained
+Models: Generalizability and Adaptivity are All You Need", IJCV 2024): a prototype
+classifier on the frozen pretrained model, no training.
+
+As the authors' code (zhoudw-zdw/RevisitingCIL, ``models/simplecil.py``): every class's
+prototype is the mean of the frozen model's final features (the cls token after the last
+LayerNorm) over its training images, and an image's logit for a class is the cosine
+similarity of its feature to the prototype (the code's ``CosineLinear`` with the
+prototypes as weights). Classes not seen yet are never predicted.
+
+Each task has one phase, ``prototypes``, of zero epochs: nothing is trained (the model's
+parameters are all frozen, ``state.trainable`` all False); the loop's consolidation pass
+over the task's training data adds every feature to its class's sum and count
+(``consolidate``), and ``after_phase`` turns the sums into normalised prototypes. The
+class and domain scenarios keep one prototype per output unit; the task scenario one per
+(task, class).
+
+The first-session adaptation of the same paper (APER/ADAM: tune a parameter-efficient
+module on task 1, then prototypes of the concatenated features) is not provided.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxcl.methods import _ptm, base
+
+
+def defaults() -> dict:
+    return {}
+
+
+def validate(config) -> None:
+    """No settings to check."""
+
+
+def prototypes(sums, counts):
+    """Normalised class means ``[rows, D]`` from the feature sums and counts."""
+    return _ptm.l2_normalize(sums / jnp.maximum(counts, 1.0)[:, None])
+
+
+def make(config, model, info) -> base.Method:
+    validate(config)
+    _ptm.check_model(model, "simplecil")
+    rows, offsets = _ptm.class_table(info)
+
+    def init(rng, x):
+        state = base.init_state(model, rng, x)
+        d = _ptm.frozen_features(model, state.params, x[:1]).shape[-1]
+        extra = {"sums": jnp.zeros((rows, d), jnp.float32), "counts": jnp.zeros((rows,), jnp.float32),
+                 "protos": jnp.zeros((rows, d), jnp.float32)}
+        return state.replace(extra=extra, trainable=_ptm.frozen_trunk(state.params, head=False))
+
+    def loss(params, state, batch, task, rng, phase):  # never reached: the phase has no epochs
+        return jnp.zeros(()), {"metrics": {}}
+
+    def consolidate(state, batch, task, phase):
+        feat = _ptm.frozen_features(model, state.params, batch["x"])
+        onehot = jax.nn.one_hot(_ptm.rows_of(batch["y"], task, offsets), rows) * batch["mask"][:, None]
+        e = dict(state.extra)
+        e["sums"] = e["sums"] + jnp.dot(onehot.T, feat, precision=jax.lax.Precision.HIGHEST)
+        e["counts"] = e["counts"] + onehot.sum(0)
+        return state.replace(extra=e)
+
+    def after_phase(state, task, phase):
+        return state.replace(extra={**state.extra, "protos": prototypes(state.extra["sums"], state.extra["counts"])})
+
+    def predict(state, x, task):
+        feat = _ptm.l2_normalize(_ptm.frozen_features(model, state.params, x))
+        scores = jnp.dot(feat, state.extra["protos"].T, precision=jax.lax.Precision.HIGHEST)
+        scores = jnp.where(state.extra["counts"] > 0, scores, _ptm.NEG)
+        return _ptm.task_logits(scores, task, info, offsets)
+
+    return base.make("simplecil", config, model, init=init, loss=loss, consolidate=consolidate,
+                     after_phase=after_phase, predict=predict, phases=lambda t: (base.Phase("prototypes", 0),))

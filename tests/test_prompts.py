@@ -1,0 +1,260 @@
+"""The pretrained-model methods (L2P, DualPrompt, CODA-Prompt, SimpleCIL, RanPAC) on the
+CPU-size ViT (``vit_cifar``).
+
+* the arithmetic against NumPy: SimpleCIL's prototypes and RanPAC's ridge classifier
+  (and its choice of lambda) from the same features, L2P's prompt selection;
+* on real CIFAR-10 (../shared/data): a ``vit_cifar`` pretrained here on classes 0-4
+  (``model.pretrained`` = its workdir), then each method class-incremental on classes
+  5-8 (2 tasks, no task id at test): it trains, its trunk is bit-identical to the
+  pretrained one after every task, and it forgets less than fine-tuning;
+* the paper configs (``configs/ptm_*.py``) run end to end at ``runlocal`` size under
+  ``tfds.testing.mock_data`` (CIFAR-100 through grain; ImageNet-R through its one split
+  cut 80/20 by ``data.tfds_splits``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxcl
+from jaxcl import checkpoint
+from jaxcl import config as config_lib
+from jaxcl.methods import _ptm, ranpac
+from jaxcl.models import vit
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PTM = ("l2p", "dualprompt", "coda_prompt", "simplecil", "ranpac")
+QUIET = ["log.progress=false", "log.plots=false", "log.tensorboard=false"]
+
+
+# ----------------------------------------------------------------------------- against NumPy
+
+
+def test_l2p_selection_is_numpy_top_k_of_cosine_similarities():
+    rng = np.random.default_rng(0)
+    keys, query = rng.normal(size=(10, 16)).astype(np.float32), rng.normal(size=(12, 16)).astype(np.float32)
+    cos = (query / np.linalg.norm(query, axis=1, keepdims=True)) @ (keys / np.linalg.norm(keys, axis=1, keepdims=True)).T
+    top = np.argsort(-cos, axis=1, kind="stable")[:, :4]
+    idx, sim = _ptm.select(jnp.asarray(keys), jnp.asarray(query), 4, False)
+    np.testing.assert_allclose(np.asarray(sim), cos, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(idx), top)
+    # batchwise: the 4 ids chosen most often over the batch (ties to the lower id), for every
+    # sample; a masked-out sample does not vote
+    mask = np.ones(12, np.float32)
+    mask[0] = 0
+    counts = np.bincount(top[1:].ravel(), minlength=10)
+    major = np.argsort(-counts, kind="stable")[:4]
+    idx, _ = _ptm.select(jnp.asarray(keys), jnp.asarray(query), 4, True, jnp.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(idx), np.broadcast_to(major, (12, 4)))
+
+
+@pytest.fixture(scope="module")
+def features_setup():
+    """A vit_cifar, two class-incremental tasks of 3 classes on random images, and the
+    model's features of every image."""
+    model = vit.variant("vit_cifar")(num_heads=1, num_outputs=6, classes_per_head=(6,))
+    rng = np.random.default_rng(0)
+    tasks = []
+    for t in range(2):
+        x = rng.uniform(size=(96, 32, 32, 3)).astype(np.float32)
+        y = (3 * t + rng.integers(0, 3, 96)).astype(np.int32)
+        tasks.append([{"x": x[i:i + 32], "y": y[i:i + 32]} for i in range(0, 96, 32)])
+    test_x = rng.uniform(size=(20, 32, 32, 3)).astype(np.float32)
+    return model, tasks, test_x
+
+
+def _run_api(name, model, tasks, **settings):
+    method = jaxcl.method(name, model, tasks[0][0], num_tasks=2, scenario="class", **settings)
+    loop = jaxcl.trainer(method, optax.sgd(0.1))
+    state = loop.init(jax.random.PRNGKey(0), tasks[0][0]["x"])
+    states = []
+    for t, batches in enumerate(tasks):
+        state = loop.begin_task(state, t)
+        for phase in method.phases(t):
+            assert phase.epochs == 0  # nothing is trained
+            state = loop.end_phase(state, t, phase, batches)
+        states.append(state)
+    return loop, states
+
+
+def _feats(model, state, x):
+    return np.asarray(model.apply({"params": state.params["params"]}, x, None, False, features=True), np.float64)
+
+
+def test_simplecil_predictions_are_numpys_cosine_to_class_means(features_setup):
+    model, tasks, test_x = features_setup
+    loop, states = _run_api("simplecil", model, tasks)
+    for t, state in enumerate(states):
+        seen = [b for task in tasks[:t + 1] for b in task]
+        f = np.concatenate([_feats(model, state, b["x"]) for b in seen])
+        y = np.concatenate([b["y"] for b in seen])
+        protos = np.stack([f[y == c].mean(0) for c in range(3 * (t + 1))])
+        protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+        q = _feats(model, state, test_x)
+        ref = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ protos.T
+        got = np.asarray(loop.predict(state, test_x, t))
+        np.testing.assert_allclose(got[:, :3 * (t + 1)], ref, atol=1e-5)
+        assert (got[:, 3 * (t + 1):] <= _ptm.NEG).all()  # classes not seen yet are never predicted
+
+
+def test_ranpac_predictions_are_numpys_ridge_solution(features_setup):
+    model, tasks, test_x = features_setup
+    m = 24
+    loop, states = _run_api("ranpac", model, tasks, projection=m)
+    w_rand = np.asarray(states[0].extra["w_rand"], np.float64)
+    g, c = np.zeros((m, m)), np.zeros((m, 6))
+    for t, state in enumerate(states):
+        h = np.maximum(np.concatenate([_feats(model, state, b["x"]) for b in tasks[t]]) @ w_rand, 0)
+        y = np.eye(6)[np.concatenate([b["y"] for b in tasks[t]])]
+        g, c = g + h.T @ h, c + h.T @ y
+        # the code's choice of lambda: fit on 4 of every 5 samples, squared error on the 5th
+        val = np.arange(len(h)) % 5 == 4
+        losses = []
+        for r in ranpac.RIDGES:
+            w = np.linalg.solve(h[~val].T @ h[~val] + r * np.eye(m), h[~val].T @ y[~val])
+            losses.append(np.mean((h[val] @ w - y[val]) ** 2))
+        lam = ranpac.RIDGES[int(np.argmin(losses))]
+        assert float(state.extra["ridge"]) == pytest.approx(lam)
+        w = np.linalg.solve(g + lam * np.eye(m), c)
+        ref = np.maximum(_feats(model, state, test_x) @ w_rand, 0) @ w
+        got = np.asarray(loop.predict(state, test_x, t))
+        n = 3 * (t + 1)
+        np.testing.assert_allclose(got[:, :n], ref[:, :n], atol=1e-5 * max(1.0, np.abs(ref).max()))
+        assert (got[:, n:] <= _ptm.NEG).all()
+
+
+# ----------------------------------------------------------------------------- real CIFAR-10
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A vit_cifar trained on CIFAR-10 classes 0-4 (the 'pretrained model' of these tests)."""
+    if not (SHARED_DATA / "cifar10.npz").exists():
+        pytest.skip(f"real data not present at {SHARED_DATA}")
+    workdir = tmp_path_factory.mktemp("pretrain")
+    c = config_lib.override(jaxcl.get_config("pretrain"), QUIET + [
+        f"data.dir={SHARED_DATA}", "model.name=vit_cifar", "data.class_order=(0,1,2,3,4)", "data.classes_per_task=5",
+        "data.train_limit=2500", "data.test_limit=500", "epochs=3", "optimizer.name=adam", "optimizer.lr=1e-3",
+        "optimizer.momentum=0.0", "optimizer.weight_decay=0.0", "optimizer.schedule=constant",
+        "data.augment=false", "checkpoint.every_steps=0"])
+    r = jaxcl.run(c, workdir, echo=lambda s: None)
+    assert r["accuracy_matrix"][0][0] > 0.4  # it learned something to start from
+    return workdir, SHARED_DATA
+
+
+def _cl_config(name, pretrained_dir, data_dir, **sets):
+    """Class-incremental CIFAR-10 classes 5-8 in 2 tasks from the pretrained trunk, with
+    the runlocal settings of the paper config for ``name``."""
+    base = jaxcl.get_config(f"ptm_cifar100:runlocal=1,method={name}")
+    values = {"data.name": "cifar10", "data.source": "npz", "data.dir": str(data_dir), "data.pipeline": "memory",
+              "data.image_size": 0, "data.class_order": "(5,6,7,8)", "data.classes_per_task": 2, "num_tasks": 2,
+              "data.train_limit": 400, "data.test_limit": 200, "data.allow_missing_classes": False, "epochs": 2,
+              "batch_size": 32, "model.pretrained": str(pretrained_dir), "checkpoint.keep": 3}
+    if name == "finetune":
+        values.update({"optimizer.name": "adam", "optimizer.lr": 1e-3, "optimizer.momentum": 0.0})
+    values.update(sets)
+    return config_lib.override(base, QUIET + [f"{k}={v}" for k, v in values.items()])
+
+
+@pytest.fixture(scope="module")
+def cl_runs(pretrained, tmp_path_factory):
+    pre, data_dir = pretrained
+    out = {}
+    for name in PTM + ("finetune",):
+        wd = tmp_path_factory.mktemp(name)
+        out[name] = (jaxcl.run(_cl_config(name, pre, data_dir), wd, echo=lambda s: None), wd)
+    return pre, out
+
+
+def _trunk(state: dict) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(state["params"]["params"])[0]
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat if "head" not in jax.tree_util.keystr(p)}
+
+
+@pytest.mark.parametrize("name", PTM)
+def test_trains_class_incrementally_on_real_cifar10_with_the_trunk_frozen(cl_runs, name):
+    pre, runs = cl_runs
+    r, wd = runs[name]
+    R = np.asarray(r["accuracy_matrix"])
+    assert R.shape == (2, 2) and np.isfinite(R).all()
+    assert R[0, 0] > 0.6 and R[1, 1] > 0.5  # two classes a task: above chance on each
+    before = _trunk(checkpoint.load_state(pre))
+    saved = sorted((p for p in (Path(wd) / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    assert len(saved) >= 2  # one after every task
+    for ck in saved:
+        after = _trunk(checkpoint.load_state(ck))
+        assert after.keys() == before.keys()
+        for k in before:
+            np.testing.assert_array_equal(after[k], before[k], err_msg=f"{name}: {k} moved")
+
+
+@pytest.mark.parametrize("name", PTM)
+def test_forgets_less_than_finetune_on_the_same_backbone(cl_runs, name):
+    _, runs = cl_runs
+    ft = runs["finetune"][0]
+    assert runs[name][0]["metrics"]["forgetting"] < ft["metrics"]["forgetting"], (name, runs[name][0]["metrics"],
+                                                                                  ft["metrics"])
+
+
+def test_coda_prompt_freezes_the_earlier_tasks_components(cl_runs):
+    _, runs = cl_runs
+    wd = runs["coda_prompt"][1]
+    saved = sorted((p for p in (Path(wd) / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    first, last = (checkpoint.load_state(saved[i])["params"]["prompt"] for i in (0, -1))
+    half = first["k"].shape[1] // 2  # pool 20 in 2 tasks: components 0-9 are task 1's
+    for k in ("k", "a", "p"):
+        np.testing.assert_array_equal(first[k][:, :half], last[k][:, :half])
+        assert not np.array_equal(first[k][:, half:], last[k][:, half:])  # task 2 initialised and trained its own
+
+
+# ----------------------------------------------------------------------------- the paper configs
+
+
+@pytest.mark.parametrize("config,name", [("ptm_cifar100", "l2p"), ("ptm_cifar100", "dualprompt"),
+                                         ("ptm_cifar100", "coda_prompt"), ("ptm_imagenet_r", "simplecil"),
+                                         ("ptm_imagenet_r", "ranpac")])
+def test_paper_config_runs_on_mock_tfds(config, name, tmp_path):
+    import tensorflow_datasets as tfds
+
+    c = config_lib.override(jaxcl.get_config(f"{config}:runlocal=1,method={name}"),
+                            QUIET + ["data.grain_workers=0", "num_tasks=2"])
+    with tfds.testing.mock_data(num_examples=600):
+        r = jaxcl.run(c, tmp_path, echo=lambda s: None)
+    assert r["data_path"] == "grain" and np.asarray(r["accuracy_matrix"]).shape == (2, 2)
+    assert r["config"]["model"]["name"] == "vit_cifar" and r["config"]["data"]["image_size"] == 32
+
+
+def test_paper_configs_hold_the_papers_settings():
+    c = jaxcl.get_config("ptm_cifar100:method=l2p")
+    config_lib.validate(c)
+    assert (c.model.name, c.scenario, c.num_tasks, c.data.classes_per_task, c.data.image_size) == \
+        ("vit_b16", "class", 10, 10, 224)
+    m = c.method
+    assert (m.pool_size, m.length, m.top_k, m.batchwise_prompt, m.pull) == (10, 10, 4, True, 1.0)
+    assert c.optimizer.name == "adam" and c.optimizer.lr == pytest.approx(0.015) and c.epochs == 5
+    c = jaxcl.get_config("ptm_cifar100:method=coda_prompt")
+    assert (c.method.pool_size, c.method.length, c.epochs, c.optimizer.lr) == (100, 8, 20, 1e-3)
+    c = jaxcl.get_config("ptm_imagenet_r:method=dualprompt")
+    config_lib.validate(c)
+    assert tuple(c.data.tfds_splits) == ("test[:80%]", "test[80%:]") and len(c.data.class_order) == 200
+    assert (c.method.e_length, c.epochs, c.data.classes_per_task) == (20, 50, 20)
+    assert jaxcl.get_config("ptm_imagenet_r:method=ranpac").method.projection == 10000
+
+
+def test_settings_are_refused_by_name():
+    with pytest.raises(config_lib.ConfigError, match="method.top_k"):
+        config_lib.validate(config_lib.override(jaxcl.get_config("ptm_cifar100:method=l2p"), ["method.top_k=11"]))
+    with pytest.raises(config_lib.ConfigError, match="method.length"):
+        config_lib.validate(config_lib.override(jaxcl.get_config("ptm_cifar100:method=coda_prompt"),
+                                                ["method.length=7"]))
+    with pytest.raises(config_lib.ConfigError, match="method.pool_size"):
+        config_lib.validate(config_lib.override(jaxcl.get_config("ptm_cifar100:method=dualprompt"),
+                                                ["method.pool_size=5"]))
+    model = vit.variant("vit_cifar")(num_heads=1, num_outputs=4, classes_per_head=(4,))
+    with pytest.raises(config_lib.ConfigError, match="method.e_layers"):
+        jaxcl.method("dualprompt", model, jnp.zeros((2, 32, 32, 3)), num_tasks=2, scenario="class", e_layers=(3, 9))

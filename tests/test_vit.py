@@ -1,0 +1,114 @@
+"""The Vision Transformers (jaxcl.models.vit): timm's sizes and names, the token interface
+prompt methods use, training end to end."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcl import models, train
+from jaxcl.models import vit
+
+
+def abstract(name, size=224, **kw):
+    m = models._MODELS[name](num_heads=1, num_outputs=10, image_size=(size, size), **kw)
+    return m, jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
+
+
+def backbone_size(shapes):
+    return sum(a.size for p, a in jax.tree_util.tree_flatten_with_path(shapes["params"])[0] if p[0].key != "head")
+
+
+@pytest.mark.parametrize("name,count", [("vit_ti16", 5_524_416), ("vit_s16", 21_665_664), ("vit_b16", 85_798_656),
+                                        ("vit_l16", 303_301_632)])
+def test_parameter_counts_are_timms_without_the_head(name, count):
+    # timm's vit_*_patch16_224 with num_classes=0 (counted in the peers venv)
+    assert backbone_size(abstract(name)[1]) == count
+
+
+def test_parameter_names_follow_timms_keys():
+    _, s = abstract("vit_ti16")
+    p = s["params"]
+    assert set(p) == {"patch_embed", "cls_token", "pos_embed", "norm", "head"} | {f"blocks_{i}" for i in range(12)}
+    assert jax.tree_util.tree_map(jnp.shape, p["blocks_3"]) == {
+        "norm1": {"scale": (192,), "bias": (192,)}, "norm2": {"scale": (192,), "bias": (192,)},
+        "attn": {"qkv": {"kernel": (192, 576), "bias": (576,)}, "proj": {"kernel": (192, 192), "bias": (192,)}},
+        "mlp": {"fc1": {"kernel": (192, 768), "bias": (768,)}, "fc2": {"kernel": (768, 192), "bias": (192,)}}}
+    assert p["patch_embed"]["proj"]["kernel"].shape == (16 * 16 * 3, 192)
+    assert p["pos_embed"].shape == (1, 197, 192) and p["cls_token"].shape == (1, 1, 192)
+
+
+@pytest.fixture(scope="module")
+def small():
+    m = vit.ViT(num_heads=2, num_outputs=5, image_size=(8, 8), patch=4, width=16, depth=2, heads=2)
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 8, 3))
+    v = m.init(jax.random.PRNGKey(0), x)
+    v = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(2), a.shape), v)
+    return m, v, x
+
+
+def reference_block(p, x, pk=None, pv=None, heads=2):
+    """One pre-norm block written out with jnp (no flax), prefix keys/values prepended."""
+    def ln(x, q):
+        mu = x.mean(-1, keepdims=True)
+        return (x - mu) / jnp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * q["scale"] + q["bias"]
+
+    def dense(x, q):
+        return x @ q["kernel"] + q["bias"]
+
+    b, t, d = x.shape
+    qkv = dense(ln(x, p["norm1"]), p["attn"]["qkv"]).reshape(b, t, 3, heads, d // heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if pk is not None:
+        k = jnp.concatenate([pk.reshape(b, -1, heads, d // heads), k], 1)
+        v = jnp.concatenate([pv.reshape(b, -1, heads, d // heads), v], 1)
+    w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // heads), -1)
+    y = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, t, d)
+    x = x + dense(y, p["attn"]["proj"])
+    h = jax.nn.gelu(dense(ln(x, p["norm2"]), p["mlp"]["fc1"]), approximate=False)
+    return x + dense(h, p["mlp"]["fc2"])
+
+
+def test_encode_with_prefixes_is_prefix_tuned_attention(small):
+    m, v, x = small
+    p = v["params"]
+    t = m.apply(v, x, method=m.tokens)
+    assert t.shape == (3, 5, 16)
+    pk, pv = (jax.random.normal(jax.random.PRNGKey(k), (3, 2, 16)) for k in (3, 4))
+    out = m.apply(v, t, False, [None, (pk, pv[0])], method=m.encode)  # [Lp, D] broadcasts over the batch
+    ref = reference_block(p["blocks_1"], reference_block(p["blocks_0"], t), pk, jnp.broadcast_to(pv[0], pv.shape))
+    ref = m.apply(v, ref, method=lambda mod, h: mod.norm(h))
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+    assert out.shape == t.shape  # queries and output length unchanged
+
+
+def test_prompts_go_after_cls_and_pools_pick_their_tokens(small):
+    m, v, x = small
+    P = jax.random.normal(jax.random.PRNGKey(5), (2, 16))
+    t = m.apply(v, x, method=m.tokens)
+    seq = jnp.concatenate([t[:, :1], jnp.broadcast_to(P, (3, 2, 16)), t[:, 1:]], 1)
+    out = m.apply(v, seq, method=m.encode)
+    for pool, want in (("cls", out[:, 0]), ("prompt", out[:, 1:3].mean(1)), ("mean", out[:, 3:].mean(1))):
+        feat = m.apply(v, x, prompts=P, pool=pool, features=True)
+        np.testing.assert_allclose(feat, want, atol=1e-6)
+    logits = m.apply(v, x, jnp.int32(1), prompts=P, pool="prompt")
+    np.testing.assert_allclose(logits, m.apply(v, out[:, 1:3].mean(1), jnp.int32(1), method=m.classify), atol=1e-6)
+    assert m.apply(v, x, "all").shape == (3, 2, 5)
+    # no prompts, no prefixes: the plain model
+    np.testing.assert_array_equal(m.apply(v, x, jnp.int32(0)),
+                                  m.apply(v, m.apply(v, t, method=m.encode)[:, 0], jnp.int32(0), method=m.classify))
+
+
+def test_images_off_the_grid_are_refused_by_name(small):
+    m, v, _ = small
+    with pytest.raises(ValueError, match="do not fit its 2x2 grid"):
+        m.apply(v, jnp.zeros((1, 12, 12, 3)))
+
+
+def test_vit_cifar_trains_on_digits_in_float32_and_bfloat16(make_config, tmp_path):
+    # the embedded 8x8 digits: a 2x2 grid of 4-pixel patches
+    for dtype in ("float32", "bfloat16"):
+        c = make_config("split_digits:method=finetune", model__name="vit_cifar", model__dtype=dtype, num_tasks=2,
+                        epochs=3, optimizer__name="adam", optimizer__lr=3e-3)
+        res = train.run(c, tmp_path / dtype, echo=lambda s: None)
+        acc = np.asarray(res["accuracy_matrix"])
+        assert acc[0, 0] > 0.8 and acc[1, 1] > 0.8, (dtype, acc)
