@@ -296,9 +296,10 @@ def check_finite(state: State, where: str) -> None:
     if bad >= 0:
         raise NonFiniteLossError(
             f"the loss is not finite (NaN or inf) at global step {bad} (state.bad_step; {where}, state.step "
-            f"{int(jax.device_get(state.step))}): the update of that step, and every one after it, wrote NaN or "
-            "inf into the state, so its predictions mean nothing. Lower the learning rate (or check the data: "
-            f"inputs, labels) and train again from a state saved before step {bad}")
+            f"{int(jax.device_get(state.step))}): that step and every one after it updated the state from a "
+            "non-finite loss, so its parameters (NaN, in general) and predictions mean nothing. Lower the learning rate (or check the data: "
+            "inputs, labels) and train again from "
+            + (f"a state kept from before step {bad}" if bad else "the start (the very first step failed)"))
 
 
 def _frozen_leaf(state: State) -> dict:
