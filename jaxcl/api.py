@@ -22,7 +22,11 @@ A batch is a dict: ``x`` (float inputs ``[B, ...]``, the shape of the sample the
 was made with), ``y`` (int labels ``[B]``; in the task scenario a task's labels count from
 0), and optionally ``mask`` (``[B]``, 1 for a real sample, 0 for padding; default ones)
 and ``task`` (int ``[B]``, each sample's task; default the task being learned). ResCL also
-reads an optional ``source_logits``. Anything else is refused by name.
+reads an optional ``source_logits``. Anything else is refused by name, and so are a label
+outside its task's classes and a task id outside ``[0, num_tasks)`` (see :class:`Trainer`).
+
+The model follows :data:`jaxcl.methods.base.PROTOCOL`; ``train`` may be keyword-only and
+``task`` left out (:func:`jaxcl.methods.base.protocol_model`).
 """
 from __future__ import annotations
 

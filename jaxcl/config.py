@@ -170,6 +170,23 @@ def set_method(c: ml_collections.ConfigDict, name: str) -> None:
         c.method = m
 
 
+def check_method_keys(c: ml_collections.ConfigDict) -> None:
+    """``config.method`` holds exactly the settings of ``method.name`` (a method switched
+    by assigning ``config.method.name`` keeps the old method's settings: refused, naming
+    them and the way to switch)."""
+    name = c.method.name
+    want = set(method_module(name).defaults())
+    have = set(c.method.keys()) - {"name"}
+    missing, stale = sorted(want - have), sorted(have - want)
+    if missing or stale:
+        what = "; ".join(filter(None, (
+            f"it lacks {name}'s setting(s) {', '.join(f'method.{k}' for k in missing)}" if missing else "",
+            f"it holds {', '.join(f'method.{k}' for k in stale)}, which {name} does not have" if stale else "")))
+        raise ConfigError(f"method.name: {name!r}, but config.method is not {name}'s ({what}): switch methods with "
+                          f"jaxcl.config.set_method(config, {name!r}) (it takes {name}'s defaults), "
+                          f"--set method.name={name}, or the config argument method={name}")
+
+
 def _lookup(c: ml_collections.ConfigDict, key: str):
     parts = key.split(".")
     node = c
@@ -260,6 +277,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if not cond:
             raise ConfigError(msg)
 
+    check_method_keys(c)
     need(c.scenario in SCENARIOS, f"scenario: {c.scenario!r} is not one of {', '.join(SCENARIOS)}")
     need(c.data.stream in STREAMS, f"data.stream: {c.data.stream!r} is not one of {', '.join(STREAMS)}")
     need(c.num_tasks >= 1, f"num_tasks: must be >= 1, got {c.num_tasks}")
@@ -296,25 +314,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _validate_sweep(c, sweep_settings(c))
     need(c.mesh.fsdp >= 1, f"mesh.fsdp: must be >= 1, got {c.mesh.fsdp}")
     need(c.mesh.data == -1 or c.mesh.data >= 1, f"mesh.data: must be -1 (all devices) or >= 1, got {c.mesh.data}")
-    check_method_keys(c)
     method_module(c.method.name).validate(c)
-
-
-def check_method_keys(c: ml_collections.ConfigDict) -> None:
-    """``config.method`` holds exactly the settings of ``method.name`` (a method switched
-    by assigning ``config.method.name`` keeps the old method's settings: refused, naming
-    them and the way to switch)."""
-    name = c.method.name
-    want = set(method_module(name).defaults())
-    have = set(c.method.keys()) - {"name"}
-    missing, stale = sorted(want - have), sorted(have - want)
-    if missing or stale:
-        what = "; ".join(filter(None, (
-            f"it lacks {name}'s setting(s) {', '.join(f'method.{k}' for k in missing)}" if missing else "",
-            f"it holds {', '.join(f'method.{k}' for k in stale)}, which {name} does not have" if stale else "")))
-        raise ConfigError(f"method.name: {name!r}, but config.method is not {name}'s ({what}): switch methods with "
-                          f"jaxcl.config.set_method(config, {name!r}) (it takes {name}'s defaults), "
-                          f"--set method.name={name}, or the config argument method={name}")
 
 
 def _validate_sweep(c: ml_collections.ConfigDict, settings: list[dict]) -> None:

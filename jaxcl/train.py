@@ -42,6 +42,7 @@ from jaxcl import checkpoint as ckpt_lib
 from jaxcl import config as config_lib
 from jaxcl import data, distributed, logs, methods, metrics, models, optim, report, sharding
 from jaxcl.data import feed as feed_lib
+from jaxcl.data import pipeline as pipeline_lib
 from jaxcl.methods.base import State
 from jaxcl.models import torch_weights
 
@@ -307,7 +308,7 @@ def setup(config) -> Setup:
     if smallest < config.batch_size:
         raise data.DataError(f"batch_size={config.batch_size} is larger than the smallest task's "
                              f"{smallest} training samples; lower batch_size")
-    feed = feed_lib.make(config, streams, run_stream)
+    feed = pipeline_lib.make(config, streams, run_stream)
     S = Setup(config, seeds, [st for st, _ in runs], multi, streams, run_stream, info, model, method, mesh,
               optim.make(base.optimizer), feed, 1, {}, {}, run_configs)
     if S.R > 1:  # the swept values the program computes with (the learning rate is set per epoch instead)

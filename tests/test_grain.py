@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 import jaxcl
 from jaxcl import data
 from jaxcl.data import feed as feed_lib
+from jaxcl.data import pipeline
 from jaxcl.data.pipeline import GrainFeed
 
 SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist.npz")
@@ -74,7 +75,7 @@ def test_auto_picks_by_the_budget_and_says_so(make_config):
     big = data.build(make_config(data__pipeline="auto", data__memory_budget_mb=0.01))
     assert small.pipeline == "memory" and "within the budget" in small.pipeline_why
     assert big.pipeline == "grain" and "over the budget of 0.0 MiB (data.memory_budget_mb=0.01)" in big.pipeline_why
-    feed = feed_lib.make(make_config(data__pipeline="auto", data__memory_budget_mb=0.01), [big], [0])
+    feed = pipeline.make(make_config(data__pipeline="auto", data__memory_budget_mb=0.01), [big], [0])
     assert feed.path == "grain" and feed.pipeline_why == big.pipeline_why
 
 

@@ -70,23 +70,6 @@ def choose_resident(setting: str, streams: list[Stream]) -> bool:
     return setting == "true" or need <= budget
 
 
-def make(config, streams: list[Stream], run_stream: list[int]) -> "Feed":
-    """The feed a run config asks for: a grain pipeline for streams built over lazy
-    images (``data.pipeline`` grain, or auto over the budget), else the arrays on the
-    device or the host (``data.on_device``). ``feed.pipeline`` / ``feed.pipeline_why``
-    say which pipeline and why."""
-    kinds = {getattr(s, "pipeline", "memory") for s in streams}
-    if "grain" in kinds:
-        from jaxcl.data.pipeline import GrainFeed
-
-        return GrainFeed(streams, run_stream, normalize=config.data.normalize,
-                         grain_workers=config.data.get("grain_workers", -1), why=streams[0].pipeline_why)
-    resident = choose_resident(str(config.data.on_device).lower(), streams)
-    feed = Feed(streams, run_stream, normalize=config.data.normalize, resident=resident)
-    feed.pipeline_why = getattr(streams[0], "pipeline_why", "") or "data.pipeline=memory"
-    return feed
-
-
 class Feed:
     """Items for the compiled calls of ``R`` runs. ``streams`` are the distinct streams,
     ``run_stream[r]`` the one run ``r`` trains on. Items carry a leading run axis when
@@ -97,7 +80,7 @@ class Feed:
         self.streams, self.run_stream, self.resident = streams, list(run_stream), resident
         self.path = "device" if resident else "host"  # what results.json reports as data_path
         self.normalize = normalize
-        self.pipeline, self.pipeline_why = "memory", "data.pipeline=memory"  # see make
+        self.pipeline, self.pipeline_why = "memory", "data.pipeline=memory"  # see jaxcl.data.pipeline.make
         self.R = len(self.run_stream)
         self.per_run = len(streams) > 1
         # (this process, processes): each process makes only its own rows of every batch

@@ -24,6 +24,10 @@ through :class:`GrainFeed`:
   (``B / process_count`` of them, :attr:`GrainFeed.shard`);
 * a worker that dies (killed, out of memory) stops the run with a DataError naming it
   instead of hanging.
+
+:func:`make` picks the feed a run asks for: this pipeline, or the memory path's
+:class:`~jaxcl.data.feed.Feed` (on the host or the device). It lives here, above both,
+so that :mod:`jaxcl.data.feed` never imports this module.
 """
 from __future__ import annotations
 
@@ -33,9 +37,24 @@ import jax
 import numpy as np
 
 from jaxcl.data.batches import _stats, levels, normalize
-from jaxcl.data.feed import Feed, _stack_runs
+from jaxcl.data.feed import Feed, _stack_runs, choose_resident
 from jaxcl.data.sources import DataError, LazyImages
 from jaxcl.data.streams import Stream
+
+
+def make(config, streams: list[Stream], run_stream: list[int]) -> Feed:
+    """The feed a run config asks for: a grain pipeline for streams built over lazy
+    images (``data.pipeline`` grain, or auto over the budget), else the arrays on the
+    device or the host (``data.on_device``). ``feed.pipeline`` / ``feed.pipeline_why``
+    say which pipeline and why."""
+    kinds = {getattr(s, "pipeline", "memory") for s in streams}
+    if "grain" in kinds:
+        return GrainFeed(streams, run_stream, normalize=config.data.normalize,
+                         grain_workers=config.data.get("grain_workers", -1), why=streams[0].pipeline_why)
+    resident = choose_resident(str(config.data.on_device).lower(), streams)
+    feed = Feed(streams, run_stream, normalize=config.data.normalize, resident=resident)
+    feed.pipeline_why = getattr(streams[0], "pipeline_why", "") or "data.pipeline=memory"
+    return feed
 
 
 def workers(setting: int) -> int:

@@ -68,8 +68,9 @@ NEEDS = ("ResCL reaches a layer either through a field of the model that it swap
          "as jaxcl.models.resnet.ResNet does: `unit: ModuleDef = jaxcl.models.layers.ConvNorm` (each conv and its "
          "batch norm built as self.unit(features, kernel_size, strides, name=...)(x, task, train)), "
          "`dense: ModuleDef = jaxcl.models.layers.Dense` (self.dense(features, name=...)(x, task)), `norm_unit` (a "
-         "norm standing alone); or as plain flax.linen.Dense/Conv layers without batch norm, found by interception. "
-         "jaxcl.models.layers classes called directly, not through those fields, are invisible to it")
+         "norm standing alone), `layer_norm` (jaxcl.models.vit's ViT has dense and layer_norm); or as plain "
+         "flax.linen.Dense/Conv layers without batch norm, found by interception. jaxcl.models.layers classes "
+         "called directly, not through those fields, are invisible to it")
 
 
 def defaults() -> dict:
