@@ -15,6 +15,7 @@ batch (``jax.make_array_from_process_local_data``); Orbax saves and restores col
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -100,16 +101,21 @@ def launch_local(n: int, command: list[str], *, devices_per_process: int = 1, gr
                  echo=print) -> int:
     """Run ``command`` (it receives ``--coordinator``, ``--num-processes`` and
     ``--process-id`` appended) as ``n`` processes on this host; CPU processes get
-    ``devices_per_process`` virtual devices, GPU processes that many GPUs each. Output of
-    process 0 passes through; the others' goes to their own log under the working dir
-    (``JAXCL_LAUNCH_LOGS``, default a temporary folder). When one process fails, the
-    others get ``grace_s`` to stop by themselves, then are terminated; the returned code
-    and the message name the process that failed first."""
+    ``devices_per_process`` virtual devices, GPU processes that many GPUs each. Every
+    process's output goes to ``process_<i>.log`` in the logs folder (``JAXCL_LAUNCH_LOGS``,
+    default a temporary folder); process 0's is also shown as it comes, until another
+    process fails. When one fails, the others get ``grace_s`` to stop by themselves, then
+    are terminated, and what the user sees is the launcher's line naming the process that
+    failed first, that process's own last error line, and where the logs are (not the
+    errors the others print as they lose it)."""
     import tempfile
+    import threading
 
     port = free_port()
     logs = os.environ.get("JAXCL_LAUNCH_LOGS") or tempfile.mkdtemp(prefix="jaxcl-launch-")
     procs, files = [], []
+    live = threading.Event()  # process 0's output is shown while no other process has failed
+    live.set()
     for i in range(n):
         env = dict(os.environ)
         flags = env.get("XLA_FLAGS", "")
@@ -117,16 +123,36 @@ def launch_local(n: int, command: list[str], *, devices_per_process: int = 1, gr
         env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip()
         if "CUDA_VISIBLE_DEVICES" not in os.environ and _gpu_count():
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i * devices_per_process + k) for k in range(devices_per_process))
+        env["PYTHONUNBUFFERED"] = "1"  # the logs (and process 0's console) follow as it happens
         args = command + ["--coordinator", f"localhost:{port}", "--num-processes", str(n), "--process-id", str(i)]
-        out = None if i == 0 else open(os.path.join(logs, f"process_{i}.log"), "w")
+        out = open(os.path.join(logs, f"process_{i}.log"), "w")
         files.append(out)
-        procs.append(subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT if out else None))
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE if i == 0 else out,
+                                      stderr=subprocess.STDOUT, text=i == 0, bufsize=1 if i == 0 else -1))
+
+    def others_failed() -> bool:
+        return any(p.poll() not in (None, 0) for p in procs[1:])
+
+    def pump() -> None:  # process 0's output: to its log always, to the console while live
+        for line in procs[0].stdout:
+            files[0].write(line)
+            files[0].flush()
+            if live.is_set() and others_failed():
+                live.clear()
+            if live.is_set():
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
     failed, deadline = None, None
     try:
         while any(p.poll() is None for p in procs):
             for i, p in enumerate(procs):
                 if failed is None and p.poll() not in (None, 0):
                     failed = (i, p.returncode)
+                    if i != 0:
+                        live.clear()
                     deadline = time.monotonic() + grace_s
             if deadline is not None and time.monotonic() > deadline:
                 for p in procs:
@@ -143,18 +169,37 @@ def launch_local(n: int, command: list[str], *, devices_per_process: int = 1, gr
             p.kill()
         raise
     finally:
+        pumper.join(timeout=10)
         for f in files:
-            if f:
-                f.close()
+            f.close()
     if failed is None:
         failed = next(((i, p.returncode) for i, p in enumerate(procs) if p.returncode), None)
     if failed is not None:
         i, code = failed
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        echo(f"jaxcl launch: process {i} of {n} {how}; the others were stopped "
-             f"(logs of processes 1..{n - 1}: {logs}); continue with the same command and --resume")
+        last = last_error_line(os.path.join(logs, f"process_{i}.log"))
+        echo(f"jaxcl launch: process {i} of {n} {how}; the others were stopped\n"
+             f"  its last error: {last or 'none in its log (stopped from outside: a signal, the OOM killer)'}\n"
+             f"  full logs of every process: {logs}\n"
+             "  continue with the same command and --resume")
         return code if code > 0 else 1
     return 0
+
+
+# What a process's last error line looks like: ours, a Python exception, an XLA fatal check.
+_ERROR_LINE = re.compile(r"^(jaxcl(?: launch)?: error:|[\w.]*(Error|Exception|Interrupt)\b.*:|[\w.]*Error$|F\d{4} |"
+                         r"Fatal Python error|Killed)")
+
+
+def last_error_line(path: str, tail: int = 200) -> str:
+    """The last line of a process's log that reports an error ("" when none does)."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()[-tail:]
+    except OSError:
+        return ""
+    hits = [x.strip() for x in lines if _ERROR_LINE.match(x.strip())]
+    return hits[-1][:400] if hits else ""
 
 
 def _gpu_count() -> int:

@@ -1,5 +1,21 @@
 """Shared fixtures. Real data from ../shared/data is used when present and its tests
-are skipped (cleanly, with the reason) when it is not."""
+are skipped (cleanly, with the reason) when it is not.
+
+Writing a test that stays fast (the whole suite must fit in 10 minutes on 2 cores; nearly
+all of its time is XLA compiling small programs, not training them):
+- the embedded digits stream through ``make_config`` (2 epochs, 5 tasks of 2 classes, an
+  MLP); fewer tasks/epochs when the assertion does not need them;
+- a finished run that is only read: the session's ``tiny_run`` (copy its workdir with
+  ``shutil.copytree`` before resuming or damaging it); several tests on one bigger run: a
+  module-scoped fixture (see test_packnet.py's ``runs``);
+- every distinct program costs a compile (~1-10 s) on a cold cache; the same config in
+  two tests compiles once per machine thanks to the persistent cache below, so reuse the
+  settings of existing tests (``num_tasks``, ``batch_size``, model) rather than new ones;
+- a subprocess (``jaxcl`` on the command line, launched jobs) pays the jax import and its
+  own compiles: only where the process boundary is what is tested;
+- a test that must stay slow says why in one line; see per-test cost with
+  ``JAXCL_TEST_TIMES=/tmp/t.tsv pytest -n 0 tests/test_x.py`` (columns below), and put a
+  heavy new file in ``HEAVY_FIRST``."""
 from __future__ import annotations
 
 import os
@@ -95,6 +111,31 @@ def pytest_runtest_protocol(item, nextitem):
     with open(_TIMES, "a") as f:
         f.write(f"{item.nodeid}\t{wall:.2f}\t{c1 - c0:.2f}\t{k1 - k0:.2f}\t{d['compile']:.2f}\t{d['trace']:.2f}\t"
                 f"{d['lower']:.2f}\t{d['hits']}\t{d['misses']}\n")
+
+
+# The heaviest files first (about in this order: CPU time of a cold run, 2026-12-01): with
+# `--dist loadfile --no-loadscope-reorder` the two workers take whole files in this order,
+# so the long ones start early and the short ones fill in at the end. Files not named here
+# follow, in pytest's order.
+HEAVY_FIRST = ("test_distributed.py", "test_loop.py", "test_api.py", "test_baselines.py", "test_train.py",
+               "test_packnet.py", "test_methods.py", "test_cli.py", "test_sharding.py", "test_export.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its own order
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``(config, workdir, results)`` of a finished 2-task, 1-epoch finetune run on the
+    digits, shared by every test of a worker: read it, or copy ``workdir`` first."""
+    import jaxcl
+    from jaxcl import config as config_lib
+
+    c = config_lib.override(jaxcl.get_config("split_digits:method=finetune"), _quiet(epochs=1, num_tasks=2))
+    wd = tmp_path_factory.mktemp("tiny_run")
+    return c, wd, jaxcl.run(c, wd, echo=lambda s: None)
 
 
 @pytest.fixture

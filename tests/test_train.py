@@ -93,9 +93,9 @@ def _last(workdir):
     return ck.directory / str(ck.latest()) / "state"
 
 
-def test_a_checkpoint_from_another_config_is_refused(make_config, tmp_path):
-    c = make_config("split_digits:method=finetune", epochs=1, num_tasks=2)
-    jaxcl.run(c, tmp_path, echo=lambda s: None)
+def test_a_checkpoint_from_another_config_is_refused(tiny_run, tmp_path):
+    c, done, _ = tiny_run
+    shutil.copytree(done, tmp_path, dirs_exist_ok=True)
     other = jaxcl.config.override(c, ["optimizer.lr=0.5"])
     with pytest.raises(CheckpointError, match=r"different config:\n  optimizer.lr: 0.01 in the checkpoint, 0.5 now"):
         jaxcl.run(other, tmp_path, resume=True, echo=lambda s: None)
@@ -106,9 +106,9 @@ def test_a_checkpoint_from_another_config_is_refused(make_config, tmp_path):
 # Orbax's tensorstore reader leaves an asyncio callback behind when a read fails; it is
 # reported when garbage-collected, after our error was raised. Not ours to fix here.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_damaged_checkpoint_is_refused_with_a_clear_message(make_config, tmp_path):
-    c = make_config("split_digits:method=finetune", epochs=1, num_tasks=2)
-    jaxcl.run(c, tmp_path, echo=lambda s: None)
+def test_a_damaged_checkpoint_is_refused_with_a_clear_message(tiny_run, tmp_path):
+    c, done, _ = tiny_run
+    shutil.copytree(done, tmp_path, dirs_exist_ok=True)
     ck = Checkpointer(tmp_path / "checkpoints")
     state_dir = ck.directory / str(ck.latest()) / "state"
     for f in state_dir.rglob("*"):
