@@ -1,0 +1,81 @@
+"""The accelerator subset: ``pytest -m accelerator``, which benchmarks/accelerator.py runs on
+a lent GPU/TPU. Every method trains two tasks there, the host and device input paths train
+on the same numbers there, and bfloat16 steps stay finite there. On CPU they repeat what
+test_methods and test_loop already check, so they are skipped on CPU unless
+JAXCL_ACCELERATOR_TESTS=1 (the accelerator script's dry run sets it for one of them)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcl
+from jaxcl import methods, optim, train
+
+pytestmark = [
+    pytest.mark.accelerator,
+    pytest.mark.skipif(jax.default_backend() == "cpu" and not os.environ.get("JAXCL_ACCELERATOR_TESTS"),
+                       reason="accelerator subset: on CPU test_methods/test_loop cover it (JAXCL_ACCELERATOR_TESTS=1 runs it)"),
+]
+
+NEEDS = {"clr": {"model__name": "cnn", "model__width": 8}}  # settings a method needs to be built at all
+
+
+def quiet(s):
+    return None
+
+
+def _losses(workdir):
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("name", methods.available())
+def test_every_method_trains_two_tasks_on_the_device(make_config, tmp_path, name):
+    c = make_config(f"split_digits:method={name}", num_tasks=2, epochs=1, **NEEDS.get(name, {}))
+    r = jaxcl.run(c, tmp_path, echo=quiet)
+    assert r["devices"]["platform"] == jax.default_backend()
+    R = np.asarray(r["accuracy_matrix"])
+    assert R.shape == (2, 2) and np.isfinite(R).all()
+    assert R[0, 0] > 0.6 and R[1, 1] > 0.6, R  # each task learned (2 classes: chance is 0.5)
+    assert r["train_steps"] > 0 and np.isfinite(_losses(tmp_path)).all()
+
+
+def test_host_and_device_paths_train_on_the_same_numbers_on_the_device(make_config, tmp_path):
+    runs = {}
+    for where in ("false", "true"):
+        c = make_config("split_digits:method=ewc", num_tasks=2, data__on_device=where, log__every_steps=2)
+        runs[where] = jaxcl.run(c, tmp_path / where, echo=quiet)
+    assert runs["false"]["data_path"] == "host" and runs["true"]["data_path"] == "device"
+    # two programs (batches passed in, or gathered inside): their float sums may be fused
+    # differently, so the losses agree to rounding and the matrices to one test image
+    np.testing.assert_allclose(_losses(tmp_path / "true"), _losses(tmp_path / "false"), rtol=1e-4, atol=1e-5)
+    diff = np.abs(np.asarray(runs["true"]["accuracy_matrix"]) - np.asarray(runs["false"]["accuracy_matrix"]))
+    assert diff.max() <= 1 / min(runs["true"]["stream"]["test_sizes"]) + 1e-9
+
+
+def test_a_bfloat16_run_trains_with_finite_losses(make_config, tmp_path):
+    c = make_config("split_digits:method=finetune", num_tasks=2, epochs=1, model__dtype="bfloat16",
+                    log__every_steps=1)
+    r = jaxcl.run(c, tmp_path, echo=quiet)
+    losses = _losses(tmp_path)
+    assert losses and np.isfinite(losses).all()
+    R = np.asarray(r["accuracy_matrix"])
+    assert R[0, 0] > 0.6 and R[1, 1] > 0.6, R
+
+
+def test_a_bfloat16_resnet_step_is_finite_and_keeps_float32_params(method_setup):
+    c, stream, m, state, batch = method_setup("finetune", model__name="reduced_resnet18", model__dtype="bfloat16")
+    tx = optim.make(c.optimizer)
+    state = state.replace(opt_state=tx.init(state.params))
+    before = jax.device_get(state.params)
+    step = jax.jit(train.make_train_step(m, tx, augment=False), static_argnums=3)
+    for _ in range(3):
+        state, metrics = step(state, batch, jnp.int32(0), "train")
+        assert np.isfinite(float(metrics["loss"]))
+    leaves = jax.tree_util.tree_leaves(state.params)
+    assert all(a.dtype == jnp.float32 and np.isfinite(np.asarray(a)).all() for a in leaves)
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before), leaves)]
+    assert any(moved)
