@@ -756,7 +756,7 @@ class _Hooks:
                 how = "--resume" if i == kept[0] else f"--resume-from {i}"
                 return (f"checkpoint {self.ckpt.directory / str(i)} holds finite parameters written while the loss "
                         f"was in range (task {m['task']}, phase {m['phase']}, epoch {m['epoch']}, batch "
-                        f"{m['batch']}){': ' + '; '.join(why) + ' (not advised)' if why else ''}. Lower optimizer.lr "
+                        f"{m['batch']}){'; the newer ones cannot: ' + '; '.join(why) if why else ''}. Lower optimizer.lr "
                         f"(or check the data) and continue from it with {how} --allow-change optimizer.lr")
         return (f"no kept checkpoint can be resumed from ({'; '.join(why)}): start again in a new --workdir with "
                 "a lower optimizer.lr (or check the data)")
