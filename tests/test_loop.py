@@ -50,7 +50,7 @@ def test_steps_per_call_changes_neither_results_nor_logs(make_config, tmp_path):
     out = {}
     for k in ("1", "5", "auto"):
         c = make_config("split_digits:method=ewc", loop__steps_per_call=k, log__every_steps=4,
-                        checkpoint__every_steps=9)
+                        checkpoint__every_steps=9, num_tasks=3)  # 3 tasks: each run was 24 Orbax saves
         out[k] = jaxcl.run(c, tmp_path / k, echo=quiet)
     assert out["1"]["steps_per_call"] == 1 and out["5"]["steps_per_call"] == 5 and out["auto"]["steps_per_call"] > 5
     for k in ("5", "auto"):
