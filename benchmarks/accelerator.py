@@ -723,6 +723,9 @@ def run_sequence(args) -> int:
     ctx = Ctx(args.dry_run, peers, args.peers_python, 2 if args.dry_run and args.seeds == 8 else args.seeds)
     isolate = args.isolate or not args.dry_run
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # room for the peers; peaks are what is used
+    if not args.dry_run:  # programs that recur across parts and test workers compile once
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/jaxcl-accelerator-cache")
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     log = out / "accelerator.log"
     for f in ("accelerator.jsonl", "accelerator-raw.jsonl", "accelerator.log"):
         (out / f).unlink(missing_ok=True)
