@@ -37,6 +37,7 @@ import functools
 import importlib
 import importlib.metadata as md
 import json
+import math
 import os
 import re
 import shutil
@@ -266,7 +267,7 @@ def peak_device_bytes():
 
 
 # the device's dense bf16 matmul rate in GFLOP/s, measured on the lent kind (KINDS.md: 769-798 on random data)
-PEAK_GFLOPS = {"NVIDIA H200": 790e3}
+PEAK_GFLOPS = {"H200": 790e3}
 
 
 def device_peak_gflops(toy: bool):
@@ -274,7 +275,8 @@ def device_peak_gflops(toy: bool):
 
     if toy:
         return 100.0
-    return PEAK_GFLOPS.get(jax.devices()[0].device_kind)
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_GFLOPS.items() if k in kind), None)
 
 
 class _SetsProxy:
@@ -381,10 +383,11 @@ def part_workload(ctx, part: str, sink) -> None:
         rec = captured[-1]
         mem = peak_device_bytes()
         last = Cycle.last[0] if Cycle.last else None
-        finite = None if last is None else bool(__import__("numpy").isfinite(float(last)))
+        finite = None if last is None else bool(math.isfinite(float(last)))
         sink({"kind": "raw", "part": part, "record": rec, "wall_s": round(wall, 1)})
         rows = workload_rows(part, rec, mem, note="" if ctx.peers else "peer not run")
-        rows.append(row(part, "last_loss_finite", finite, peak_bytes=mem, status="ok" if finite is not False else "failed"))
+        rows.append(row(part, "last_loss_finite", finite, peak_bytes=mem,
+                        status="ok" if finite is not False else "failed"))
         for r in rows:
             sink(r)
 
@@ -473,6 +476,8 @@ def part_seeds(ctx, part: str, sink) -> None:
         quiet = dict(echo=lambda s: None)
         one = common.run_config(spec, [*base, *layouts[0], "seed=0"], tmp / "one", **quiet)
         mem1 = peak_device_bytes()
+        sink(row(part, "wall_s_1_seed", round(one["wall_s"], 2), unit="s", peak_bytes=mem1,
+                 note=f"train_s {one['train_s']:.2f}, {one['train_steps']} steps, acc {one['acc']:.3f}"))
         for lay in layouts:
             many = common.run_config(spec, [*base, *lay, f"seeds={tuple(range(n))}"], tmp / "many", **quiet)
             mem = peak_device_bytes()
@@ -498,25 +503,29 @@ def part_tests(ctx, part: str, sink) -> None:
     import pytest
 
     class Collect:
+        """Each test's outcome as it comes (a part killed at its limit keeps them)."""
+
         def __init__(self):
-            self.reports = []
+            self.reports, self.collected = [], 0
 
         def pytest_runtest_logreport(self, report):
             if report.when == "call" or report.outcome != "passed":
                 self.reports.append(report)
+                sink({"kind": "raw", "part": part, "test": report.nodeid, "when": report.when,
+                      "outcome": report.outcome, "s": round(report.duration, 2)})
+                if report.outcome == "failed":
+                    last = str(report.longrepr).strip().splitlines()[-1][:300] if report.longrepr else ""
+                    sink(row(part, report.nodeid.split("::", 1)[-1], "failed", status="failed", note=last))
 
         def pytest_collection_finish(self, session):
             self.collected = len(session.items)
 
     c = Collect()
-    c.collected = 0
     args = ["-o", "addopts=", "-p", "no:cacheprovider", "-q", "-m", "accelerator", "--rootdir", str(ROOT)]
     if ctx.toy:  # the selection only: on a loaded CPU one of these runs takes minutes
         args += [str(ROOT / "tests" / "test_accelerator.py"), "--collect-only"]
-    else:
-        args.append(str(ROOT / "tests"))
-    if not ctx.toy:  # compiles are single-threaded host work: 4 workers share the device
-        args += ["-n", "4", "--dist", "load"]
+    else:  # compiles are single-threaded host work: 4 workers share the device
+        args += [str(ROOT / "tests"), "-n", "4", "--dist", "load"]
     old = os.environ.get("JAXCL_ACCELERATOR_TESTS")
     os.environ["JAXCL_ACCELERATOR_TESTS"] = "1"
     t0 = time.perf_counter()
@@ -529,21 +538,16 @@ def part_tests(ctx, part: str, sink) -> None:
             os.environ["JAXCL_ACCELERATOR_TESTS"] = old
     wall = round(time.perf_counter() - t0, 1)
     counts = {k: sum(r.outcome == k for r in c.reports) for k in ("passed", "failed", "skipped")}
-    sink({"kind": "raw", "part": part, "record": {"exit_code": int(code), "wall_s": wall, **counts, "tests": [
-        {"id": r.nodeid, "when": r.when, "outcome": r.outcome, "s": round(r.duration, 2)} for r in c.reports]}})
+    sink({"kind": "raw", "part": part, "record": {"exit_code": int(code), "wall_s": wall, **counts}})
     if ctx.toy:
-        sink(row(part, "collected", c.collected, peak_bytes=peak_device_bytes(),
+        sink(row(part, "collected", c.collected,
                  status="ok" if int(code) == 0 and c.collected else "failed",
                  note=f"pytest -m accelerator --collect-only: exit {int(code)}; the tests run on the device"))
         return
     bad = int(code) != 0 or counts["failed"] or not counts["passed"]
     sink(row(part, "passed", counts["passed"], ref=counts["passed"] + counts["failed"] + counts["skipped"],
-             ref_name="run", peak_bytes=peak_device_bytes(), status="failed" if bad else "ok",
+             ref_name="run", status="failed" if bad else "ok",
              note=f"pytest exit {int(code)}, {counts['failed']} failed, {counts['skipped']} skipped, {wall} s"))
-    for r in c.reports:
-        if r.outcome == "failed":
-            last = str(r.longrepr).strip().splitlines()[-1][:300] if r.longrepr else ""
-            sink(row(part, r.nodeid.split("::", 1)[-1], "failed", status="failed", note=last))
 
 
 def part_env(ctx, part: str, sink) -> None:
@@ -686,7 +690,8 @@ def write_table(out: Path, rows: list[dict], head: dict) -> None:
              + (" (dry run: toy sizes on CPU, figures mean nothing)" if head["toy"] else "") + ".",
              "Ratio: jaxcl / reference (rates: above 1 is faster; s and ms: above 1 is slower). Share of peak: of the "
              "device's dense bf16 matmul rate (the MFU for W3_bf16).", "",
-             "| part | figure | jaxcl | unit | reference | ratio | share of peak (ref) | peak device MiB | status | note |",
+             "| part | figure | jaxcl | unit | reference | ratio | share of peak (ref) | peak device MiB | status "
+             "| note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = f"{_fmt(r['ref'])} ({r['ref_name']})" if r.get("ref") is not None else ""
@@ -718,6 +723,9 @@ def run_sequence(args) -> int:
     ctx = Ctx(args.dry_run, peers, args.peers_python, 2 if args.dry_run and args.seeds == 8 else args.seeds)
     isolate = args.isolate or not args.dry_run
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # room for the peers; peaks are what is used
+    if not args.dry_run:  # programs that recur across parts and test workers compile once
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/jaxcl-accelerator-cache")
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     log = out / "accelerator.log"
     for f in ("accelerator.jsonl", "accelerator-raw.jsonl", "accelerator.log"):
         (out / f).unlink(missing_ok=True)

@@ -17,7 +17,8 @@ from jaxcl import methods, optim, train
 pytestmark = [
     pytest.mark.accelerator,
     pytest.mark.skipif(jax.default_backend() == "cpu" and not os.environ.get("JAXCL_ACCELERATOR_TESTS"),
-                       reason="accelerator subset: on CPU test_methods/test_loop cover it (JAXCL_ACCELERATOR_TESTS=1 runs it)"),
+                       reason="accelerator subset: on CPU test_methods/test_loop cover it "
+                              "(JAXCL_ACCELERATOR_TESTS=1 runs it)"),
 ]
 
 NEEDS = {"clr": {"model__name": "cnn", "model__width": 8}}  # settings a method needs to be built at all
