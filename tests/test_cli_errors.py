@@ -11,8 +11,6 @@ import warnings
 
 import pytest
 
-import jaxcl
-from jaxcl import config as config_lib
 from jaxcl import data
 
 QUIET = ["--set", "epochs=1", "--set", "num_tasks=2", "--set", "log.progress=false", "--set", "log.plots=false",
@@ -124,16 +122,19 @@ def test_the_device_path_on_eight_virtual_cpu_devices_finishes(tmp_path):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def test_a_checkpoint_without_manifest_warns_once(make_config, tmp_path):
+def test_a_checkpoint_without_manifest_warns_once(tiny_run, tmp_path):
+    import shutil
+
     from jaxcl import checkpoint, train
 
-    c = make_config("split_digits:method=finetune", epochs=1, num_tasks=1)
-    train.run(c, tmp_path, echo=lambda s: None)
-    for m in (tmp_path / "checkpoints").glob(f"*/{checkpoint.MANIFEST}"):
+    c, done, _ = tiny_run
+    wd = tmp_path / "run"
+    shutil.copytree(done, wd)
+    for m in (wd / "checkpoints").glob(f"*/{checkpoint.MANIFEST}"):
         m.unlink()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        train.run(c, tmp_path, resume=True, echo=lambda s: None)
+        train.run(c, wd, resume=True, echo=lambda s: None)
     unverified = [w for w in seen if issubclass(w.category, checkpoint.CheckpointWarning)]
     assert len(unverified) == 1, [str(w.message) for w in unverified]
     assert "restoring it unverified" in str(unverified[0].message)
