@@ -1,5 +1,5 @@
-"""Device mesh and shardings, as data: a 2-D mesh ``(data, fsdp)`` and a short list of
-rules that give every leaf of the state its PartitionSpec.
+"""Device mesh and shardings, as data: a 3-D mesh ``(runs, data, fsdp)`` and a short
+list of rules that give every leaf of the state its PartitionSpec.
 
 * Batches are split along both axes (every device gets its share of the batch).
 * The state follows :data:`RULES` (first match wins, on the leaf's path such as
@@ -10,7 +10,14 @@ rules that give every leaf of the state its PartitionSpec.
   masks, PackNet's owner index, EWC/SI importances and anchors, CLR's per-task kernels,
   NCCL's calibration, ResCL's branches) have the same shapes, so they take the same
   sharding as their parameter: nothing is gathered to update them.
-* With several runs in one program (seeds, sweeps) the leading run axis is never split.
+* With several runs in one program (seeds, sweeps) the leading run axis of the state,
+  of the items, of the per-run resident streams and of every compiled function's
+  outputs is split along ``runs``: each group of ``data x fsdp`` devices holds and
+  trains ``R / mesh.runs`` whole runs, and ``data``/``fsdp`` work inside the group as
+  above. A run never needs another run's numbers, so nothing crosses groups: with
+  ``data = fsdp = 1`` the train step has no collective at all (tests/test_runs_axis.py
+  reads the compiled HLO's replica groups). Items and streams that every run shares
+  are replicated over ``runs``.
 
 All placement goes through ``jax.jit`` shardings (no ``pmap``): the same code runs on one
 device, on a GPU/TPU host, on virtual CPU devices
@@ -25,7 +32,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
-AXES = ("data", "fsdp")
+AXES = ("data", "fsdp")  # the axes a batch is split along (inside a run group)
+MESH_AXES = ("runs", "data", "fsdp")
 
 # (path pattern, how): "fsdp" = largest divisible axis along fsdp; "data" = first axis
 # along data; "replicate". Paths are '/'-joined keys of the State.
@@ -39,34 +47,68 @@ class ShardingError(ValueError):
     pass
 
 
-def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
-    """A ``(data, fsdp)`` mesh over ``data * fsdp`` devices of every process
-    (``data=-1``: all devices not taken by ``fsdp``)."""
+def make_mesh(data: int = -1, fsdp: int = 1, runs: int = 1) -> Mesh:
+    """A ``(runs, data, fsdp)`` mesh over ``runs * data * fsdp`` devices of every
+    process (``data=-1``: all devices not taken by ``runs`` and ``fsdp``). Devices are
+    laid out runs-major, so a run group is a block of consecutive devices (on several
+    processes: a process's own devices when it has a multiple of ``data * fsdp``)."""
     devices = jax.devices()
     if fsdp < 1:
         raise ShardingError(f"mesh.fsdp: must be >= 1, got {fsdp}")
+    if runs < 1:
+        raise ShardingError(f"mesh.runs: must be >= 1, got {runs}")
     if data in (-1, 0, None):
-        if len(devices) % fsdp:
-            raise ShardingError(f"mesh.fsdp={fsdp} does not divide the {len(devices)} devices")
-        data = len(devices) // fsdp
-    n = data * fsdp
+        if len(devices) % (fsdp * runs):
+            what = f"mesh.fsdp={fsdp}" if runs == 1 else f"mesh.runs={runs} x mesh.fsdp={fsdp}"
+            raise ShardingError(f"{what} does not divide the {len(devices)} devices")
+        data = len(devices) // (fsdp * runs)
+    n = runs * data * fsdp
     if not 1 <= n <= len(devices):
-        raise ShardingError(f"mesh.data: asked for {data} x mesh.fsdp {fsdp} = {n} devices, {len(devices)} visible"
+        lead = f"mesh.runs {runs} x " if runs > 1 else ""
+        raise ShardingError(f"mesh.data: asked for {lead}{data} x mesh.fsdp {fsdp} = {n} devices, "
+                            f"{len(devices)} visible"
                             + (f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     if jax.process_count() > 1 and n != len(devices):
-        raise ShardingError(f"mesh: {data} x {fsdp} = {n} devices, but the {jax.process_count()} processes have "
-                            f"{len(devices)}; a multi-process mesh must use every device")
-    return Mesh(np.asarray(devices[:n]).reshape(data, fsdp), AXES)
+        raise ShardingError(f"mesh: {runs} x {data} x {fsdp} = {n} devices, but the {jax.process_count()} processes "
+                            f"have {len(devices)}; a multi-process mesh must use every device")
+    return Mesh(np.asarray(devices[:n]).reshape(runs, data, fsdp), MESH_AXES)
+
+
+def group_size(mesh: Mesh) -> int:
+    """Devices in one run group (``data x fsdp``): a batch is split over them."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def runs_axis(mesh: Mesh, lead: int = 1):
+    """The mesh axis a leading run axis is split along: ``"runs"`` when ``lead`` and
+    the mesh has more than one run group, else None (not split)."""
+    return "runs" if lead and mesh.shape.get("runs", 1) > 1 else None
+
+
+def check_runs(n_runs: int, mesh: Mesh) -> None:
+    k = mesh.shape.get("runs", 1)
+    if n_runs % k:
+        raise ShardingError(f"mesh.runs={k} does not divide the {n_runs} runs (seeds x sweep settings); "
+                            f"use a divisor of {n_runs}")
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
     return batch_sharding(mesh, 0)
 
 
-def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+def batch_sharding(mesh: Mesh, batch_axis: int = 0, lead: int = 0) -> NamedSharding:
     """Arrays whose axis ``batch_axis`` is the batch (after run and step axes), split
-    over every device of the mesh."""
-    return NamedSharding(mesh, P(*([None] * batch_axis), AXES))
+    over every device of a run group; a leading run axis (``lead=1``) along ``runs``."""
+    spec = [None] * batch_axis
+    if lead:
+        spec[0] = runs_axis(mesh)
+    return NamedSharding(mesh, P(*spec, AXES))
+
+
+def runs_sharding(mesh: Mesh, lead: int = 1) -> NamedSharding:
+    """Arrays whose only split axis is a leading run axis (per-run streams, flags,
+    metrics); replicated when there is no run axis."""
+    return NamedSharding(mesh, P(runs_axis(mesh, lead)) if lead else P())
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -74,9 +116,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
-    n = mesh.devices.size
+    n = group_size(mesh)
     if batch_size % n:
-        raise ShardingError(f"{what}={batch_size} is not divisible by the {n} devices of the mesh; "
+        where = "the mesh" if mesh.shape.get("runs", 1) == 1 else "a run group (mesh.data x mesh.fsdp)"
+        raise ShardingError(f"{what}={batch_size} is not divisible by the {n} devices of {where}; "
                             f"use a multiple of {n} or set mesh.data")
 
 
@@ -95,26 +138,36 @@ def _path(path) -> str:
 
 def spec(path: str, shape: tuple, itemsize: int, mesh: Mesh, *, lead: int = 0, min_bytes: int = 2**16,
          rules=RULES) -> P:
-    """The PartitionSpec of one leaf; ``lead`` leading axes (runs) are never split. The
-    size threshold counts elements as 4 bytes, so that a uint8 owner index or a bool mask
-    is split exactly like the float32 weight it shadows."""
+    """The PartitionSpec of one leaf; of ``lead`` leading axes (runs) the first is split
+    along ``runs`` (when the mesh has several run groups), the others never. The size
+    threshold counts elements as 4 bytes, so that a uint8 owner index or a bool mask is
+    split exactly like the float32 weight it shadows."""
+    inner = _inner_spec(path, shape, mesh, lead=lead, min_bytes=min_bytes, rules=rules)
+    runs = runs_axis(mesh, lead) if len(shape) >= 1 else None
+    if runs is None:
+        return P(*inner) if any(inner) else P()
+    return P(runs, *inner[1:]) if inner else P(runs)
+
+
+def _inner_spec(path, shape, mesh, *, lead, min_bytes, rules) -> list:
+    """The leaf's spec inside a run group, one entry per axis (or [] when replicated)."""
     size = int(np.prod(shape)) * 4 if shape else 4
     for pattern, how in rules:
         if not re.search(pattern, path):
             continue
         if how == "replicate" or len(shape) <= lead:
-            return P()
+            return []
         axis_size = mesh.shape["fsdp" if how == "fsdp" else "data"]
         if axis_size == 1 or size < min_bytes:
-            return P()
+            return []
         if how == "data":
-            return P(*([None] * lead), "data") if shape[lead] % axis_size == 0 else P()
+            return [None] * lead + ["data"] if shape[lead] % axis_size == 0 else []
         dims = sorted(range(lead, len(shape)), key=lambda d: -shape[d])
         for d in dims:
             if shape[d] % axis_size == 0:
-                return P(*[("fsdp" if i == d else None) for i in range(len(shape))])
-        return P()
-    return P()
+                return [("fsdp" if i == d else None) for i in range(len(shape))]
+        return []
+    return []
 
 
 def state_shardings(abstract, mesh: Mesh, *, lead: int = 0, min_bytes: int = 2**16, rules=RULES):

@@ -224,18 +224,33 @@ class Setup:
     def lift(self, make: Callable, in_axes):
         """``make(method, tx)``'s function as it is for one run, ``vmap``-ed over the
         leading run axis for several. When a sweep varies a method or optimizer value,
-        each run's method and optimizer are built inside the vmap from its traced value."""
+        each run's method and optimizer are built inside the vmap from its traced value.
+        With several run groups (``mesh.runs``) each group runs that vmap over its own
+        runs only (:meth:`per_group`)."""
         if not self.hp:
             fn = make(self.method, self.tx)
-            return fn if self.R == 1 else jax.vmap(fn, in_axes=in_axes)
+            return fn if self.R == 1 else self.per_group(jax.vmap(fn, in_axes=in_axes), in_axes)
         hp = {k: jnp.asarray(v, jnp.float32) for k, v in self.hp.items()}
 
         def one(h, *args):
             m, tx = _built(self, h)
             return make(m, tx)(*args)
 
-        fn = jax.vmap(one, in_axes=(0, *in_axes))
+        fn = self.per_group(jax.vmap(one, in_axes=(0, *in_axes)), (0, *in_axes))
         return lambda *args: fn(hp, *args)
+
+    def per_group(self, fn: Callable, in_axes):
+        """``fn`` (vmapped over runs) run by every run group on its block of runs: a
+        ``shard_map`` manual over ``runs`` only, so that ``data`` and ``fsdp`` stay
+        automatic inside the group and no value can cross groups (XLA's partitioner,
+        left to itself, all-gathers a vmapped convolution's kernels across runs)."""
+        if self.mesh.shape["runs"] == 1:
+            return fn
+        from jax.sharding import PartitionSpec as P
+
+        specs = tuple(P("runs") if a == 0 else P() for a in in_axes)
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=P("runs"), axis_names={"runs"},
+                             check_vma=False)
 
     def run_dir(self, workdir: Path, r: int) -> Path:
         if not self.multi:
@@ -358,7 +373,8 @@ def setup(config) -> Setup:
     # runs share one program; a single run takes its own (swept) values as constants
     base = run_configs[0] if len(runs) == 1 else config
     method = methods.build(base, model, info)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.runs)
+    sharding.check_runs(len(runs), mesh)
     sharding.check_batch(config.batch_size, mesh, "batch_size")
     sharding.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
     smallest = min(len(t.x_train) for s in streams for t in s.tasks)
@@ -372,7 +388,9 @@ def setup(config) -> Setup:
         S.hp = {k: np.asarray([st[k] for st, _ in runs], np.float32) for k in settings[0] if k != "optimizer.lr"}
     S.chunk = _chunk_kind(S)
     S.steps_per_call = config_lib.steps_per_call(config) or _auto_steps_per_call(S)
-    S.src = {split: sharding.put(feed.src(split), sharding.replicated(mesh)) for split in ("train", "test")
+    # a resident copy per run (seed-dependent streams) is split along `runs` with the runs
+    src_sharding = sharding.runs_sharding(mesh, int(feed.per_run))
+    S.src = {split: sharding.put(feed.src(split), src_sharding) for split in ("train", "test")
              if feed.src(split) is not None}
     feed.drop_host_copies()  # the resident arrays now live on the device
     if S.hp:
@@ -384,8 +402,11 @@ def setup(config) -> Setup:
 
 
 def _compile(S: Setup) -> None:
-    """The jitted functions; those with a static phase are made per phase on first use."""
-    rep, st = sharding.replicated(S.mesh), S.state_sharding
+    """The jitted functions; those with a static phase are made per phase on first use.
+    Every output with a leading run axis stays split along ``runs`` (metrics, hits), so
+    no compiled function gathers one run group's numbers onto another."""
+    st, lead = S.state_sharding, int(S.R > 1)
+    per_run = sharding.runs_sharding(S.mesh, lead)  # [R, ...] outputs; replicated for one run
     res, aug = S.feed.resident, S.config.data.augment
     ia = 0 if S.feed.per_run else None  # evaluation/consolidation items: per run or shared
     sa = ia if res else None  # resident arrays: per run when the streams differ
@@ -395,8 +416,8 @@ def _compile(S: Setup) -> None:
             lambda phase: jax.jit(S.lift(lambda m, tx: functools.partial(make(m, tx), phase=phase), in_axes), **jit))
 
     S.fns["train"] = per_phase(lambda m, tx: make_train_chunk(m, tx, aug, res, S.chunk == "unrolled"), (0, sa, 0, None),
-                               donate_argnums=0, out_shardings=(st, rep))
-    S.fns["eval"] = jax.jit(S.lift(lambda m, tx: make_eval_step(m, res), (0, sa, ia, None)), out_shardings=rep)
+                               donate_argnums=0, out_shardings=(st, per_run))
+    S.fns["eval"] = jax.jit(S.lift(lambda m, tx: make_eval_step(m, res), (0, sa, ia, None)), out_shardings=per_run)
     S.fns["begin_task"] = jax.jit(S.lift(lambda m, tx: m.begin_task, (0, None)), donate_argnums=0, out_shardings=st)
     S.fns["after_phase"] = per_phase(lambda m, tx: m.after_phase, (0, None), donate_argnums=0, out_shardings=st)
     if S.method.consolidate is not None:
@@ -404,7 +425,7 @@ def _compile(S: Setup) -> None:
                                          donate_argnums=0, out_shardings=st)
     S.fns["reset_opt"] = jax.jit(S.lift(lambda m, tx: tx.init, (0,)), out_shardings=st.opt_state)
     S.fns["set_lr"] = jax.jit(lambda state, lr: state.replace(opt_state=optim.with_lr(state.opt_state, lr)),
-                              donate_argnums=0, out_shardings=st)
+                              donate_argnums=0, out_shardings=st, in_shardings=(st, per_run))
 
 
 def _check_sweep(S: Setup) -> None:
@@ -437,10 +458,14 @@ def _check_sweep(S: Setup) -> None:
 
 
 def _items(S: Setup, tree, batch_axis: int):
-    """Host items -> device arrays, split along ``data`` on their batch axis (leaves
-    without one, such as a chunk's ``active`` flags, are replicated)."""
-    split, rep = sharding.batch_sharding(S.mesh, batch_axis), sharding.replicated(S.mesh)
-    return sharding.put_local(tree, jax.tree_util.tree_map(lambda a: split if np.ndim(a) > batch_axis else rep, tree),
+    """Host items -> device arrays, split inside each run group on their batch axis and
+    along ``runs`` on their leading run axis when they have one (``batch_axis`` > 0 and
+    several runs; leaves without a batch axis, such as a chunk's ``active`` flags, are
+    split along ``runs`` only)."""
+    lead = int(S.R > 1 and batch_axis > 0)  # items every run shares have their batch first
+    split = sharding.batch_sharding(S.mesh, batch_axis, lead)
+    flags = sharding.runs_sharding(S.mesh, lead)
+    return sharding.put_local(tree, jax.tree_util.tree_map(lambda a: split if np.ndim(a) > batch_axis else flags, tree),
                               batch_axis)
 
 
@@ -747,7 +772,8 @@ def summary(runs: list[dict]) -> dict:
     R = np.asarray([x["accuracy_matrix"] for x in runs])
     first = runs[0]
     out = {k: first[k] for k in ("method", "benchmark", "scenario", "num_tasks", "model", "data_path",
-                                 "steps_per_call", "runs_in_program", "wall_s", "train_s", "setting", "config")}
+                                 "steps_per_call", "runs_in_program", "devices", "state_bytes", "wall_s", "train_s",
+                                 "setting", "config")}
     out["seeds"] = [x["seed"] for x in runs]
     out["accuracy_matrix"] = R.mean(0).tolist()
     out["accuracy_matrix_std"] = R.std(0).tolist()
@@ -1011,7 +1037,7 @@ def _write_results(S: Setup, state, record: dict, workdir: Path, run_dirs: list,
             report.save_results(workdir, out, name="summary.json")
         return {**out, "runs": runs}
     top = {k: runs[0][k] for k in ("method", "benchmark", "scenario", "num_tasks", "model", "data_path",
-                                   "steps_per_call", "runs_in_program", "config")}
+                                   "steps_per_call", "runs_in_program", "devices", "state_bytes", "config")}
     top.update(wall_s=record["wall_s"], train_s=record["train_s"], sweep=list(cfg.sweep),
                seeds=list(config_lib.run_seeds(cfg)), settings=per_setting)
     if distributed.is_primary():

@@ -128,7 +128,7 @@ def test_one_process_with_two_devices_and_fsdp_agree_with_one_device(single, tmp
             _close(r["R"], single[name]["accuracy_matrix"], single[name]["stream"]["test_sizes"])
     assert set(res["data2"]) == set(METHODS) and res["fsdp4"]["packnet"]["bwt"] == 0.0
     ewc = res["fsdp4"]["ewc"]
-    assert ewc["devices"]["count"] == 8 and ewc["devices"]["mesh"] == {"data": 2, "fsdp": 4}
+    assert ewc["devices"]["count"] == 8 and ewc["devices"]["mesh"] == {"runs": 1, "data": 2, "fsdp": 4}
     b = ewc["state_bytes"]
     # parameters, their optimizer state, importances and anchors are split in four; the small rest is not
     assert b["per_device_max"] < 0.3 * b["total"], b

@@ -1,0 +1,324 @@
+"""The ``runs`` mesh axis: the runs of ``--seeds``/``--sweep`` split over groups of
+devices. Each run's results equal the one-device program's, no collective of the
+compiled train step crosses a run group (read from the HLO), checkpoints resume exactly,
+and a number of runs the axis does not divide is refused by name.
+
+The layouts need several devices, so they run in a subprocess with virtual CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=4``), as tests/test_sharding.py does.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+import jaxcl
+from jaxcl import sharding
+
+QUIET = ["log.progress=false", "log.plots=false", "log.tensorboard=false"]
+SHORT = ["num_tasks=2", "epochs=1", *QUIET]
+FAMILIES = {  # one method per family: its sets on top of SHORT
+    "ewc": [],  # regulariser
+    "packnet": [],  # per-run pruning masks
+    "er": ["data.stream=permuted", "scenario=domain", "data.classes_per_task=10", "online=true",
+           "batch_size=10"],  # replay, and a stream that differs per seed: a resident copy per run
+    "clr": ["model.name=cnn"],  # per-task kernels of a conv model (vmapped convolutions)
+    "nccl": ["online=true", "batch_size=8", "method.inner_steps=2"],  # calibration
+    "rescl": [],  # residual branches
+}
+COLLECTIVE = re.compile(r" (all-reduce|all-gather|collective-permute|all-to-all|reduce-scatter)(-start)?\(")
+
+# argv: what ("hlo" | "results" | "resume"), out dir. Prints one "RESULT {json}" line per case.
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    import jaxcl
+    from jaxcl import config as C, train
+    from jaxcl.checkpoint import Checkpointer
+    assert jax.device_count() == 4, jax.devices()
+    FAMILIES, SHORT = json.loads(%r), %r
+    what, out = sys.argv[1], sys.argv[2]
+    made = []  # every Setup the runs build
+    real_setup = train.setup
+    train.setup = lambda c: made.append(real_setup(c)) or made[-1]
+
+    def config(name, *sets):
+        return C.override(jaxcl.get_config(f"split_digits:method={name}"), SHORT + FAMILIES.get(name, []) + list(sets))
+
+    def emit(**kw):
+        print("RESULT " + json.dumps(kw), flush=True)
+
+    def hlo(S):
+        # the compiled train chunk of every phase of task 0, as XLA's text
+        state = train._init_fn(S)(train._keys(S))
+        B = S.config.batch_size
+        xs = S.feed.train_items(S.pool_tasks(0), [np.arange(B)] * S.R, range(2), B, 2)
+        xs = train._items(S, xs, 2)
+        paths = {}
+        for ph in S.method.phases(0):
+            paths[ph.name] = f"{out}/{S.config.method.name}_{S.mesh.shape['runs']}_{ph.name}.hlo"
+            text = S.fns["train"](ph.name).lower(state, S.src.get("train"), xs, jnp.int32(0)).compile().as_text()
+            open(paths[ph.name], "w").write(text)
+        return paths
+
+    if what == "hlo":
+        for name in FAMILIES:  # every family, 4 runs on 4 run groups of one device
+            S = train.setup(config(name, "seeds=(0,1,2,3)", "mesh.runs=4", "mesh.data=1"))
+            emit(case=name, hlo=hlo(S), group=1)
+        for runs, data in ((2, 2), (1, 4)):  # groups of 2 devices; and the control: one group of 4
+            S = train.setup(config("ewc", "seeds=(0,1,2,3)", f"mesh.runs={runs}", f"mesh.data={data}"))
+            emit(case=f"ewc_runs{runs}_data{data}", hlo=hlo(S), group=data)
+    elif what == "results":
+        cases = {"ewc": ["seeds=(0,1)", "sweep=('method.ewc_lambda=1,1000',)"], "packnet": ["seeds=(0,1)"],
+                 "er": ["seeds=(0,1)"]}
+        for name, sets in cases.items():
+            for runs in (1, 2):
+                r = jaxcl.run(config(name, *sets, f"mesh.runs={runs}", "mesh.data=1"), f"{out}/{name}{runs}",
+                              echo=lambda s: None)
+                S = made[-1]
+                src = {k: (str(a.sharding.spec), list(a.sharding.shard_shape(a.shape)), list(a.shape))
+                       for k, a in (S.src.get("train") or {}).items()}
+                emit(case=name, runs=runs, workdir=f"{out}/{name}{runs}", devices=r["devices"],
+                     state_bytes=r["state_bytes"], src=src, per_run=S.feed.per_run,
+                     matrices=[[x["setting"], x["seed"], x["accuracy_matrix"]] for x in r["runs"]])
+    elif what == "resume":
+        sets = ["method.ewc_lambda=100", "seeds=(1,2)", "mesh.runs=2", "mesh.data=1", "checkpoint.every_steps=5",
+                "loop.steps_per_call=3", "data.classes_per_task=3", "num_tasks=3"]
+        c = config("ewc", *sets)
+        full = jaxcl.run(c, f"{out}/full", echo=lambda s: None)
+        real_save, calls = Checkpointer.save, [0]
+
+        class Crash(Exception):
+            pass
+
+        def dying_save(self, index, state, meta):  # the run dies at its 4th save (the crash_at_save fixture)
+            calls[0] += 1
+            if calls[0] == 4:
+                raise Crash()
+            return real_save(self, index, state, meta)
+
+        Checkpointer.save = dying_save
+        try:
+            jaxcl.run(c, f"{out}/cut", echo=lambda s: None)
+            raise AssertionError("the run did not die")
+        except Crash:
+            pass
+        Checkpointer.save = real_save
+        import shutil
+        shutil.copytree(f"{out}/cut", f"{out}/cut_one_group")
+        resumed = jaxcl.run(c, f"{out}/cut", resume=True, echo=lambda s: None)
+        # the checkpoint holds global arrays: it may continue on another layout (one device)
+        other = jaxcl.run(C.override(c, ["mesh.runs=1"]), f"{out}/cut_one_group", resume=True, echo=lambda s: None)
+        states = []
+        for d in ("full", "cut"):
+            import orbax.checkpoint as ocp
+            ck = Checkpointer(f"{out}/{d}/checkpoints")
+            st = ocp.StandardCheckpointer().restore(ck.directory / str(ck.latest()) / "state")
+            states.append([np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(st)])
+        emit(case="resume", full=[x["accuracy_matrix"] for x in full["runs"]],
+             resumed=[x["accuracy_matrix"] for x in resumed["runs"]], states_equal=states[0] == states[1],
+             other=[x["accuracy_matrix"] for x in other["runs"]], other_mesh=other["devices"]["mesh"],
+             saves_before_crash=calls[0])
+""") % (json.dumps(FAMILIES), SHORT)
+
+
+def _job(what: str, tmp) -> list[dict]:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, what, str(tmp)], env=env, capture_output=True, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+
+
+@pytest.fixture(scope="module")
+def hlo(tmp_path_factory):
+    return {x["case"]: x for x in _job("hlo", tmp_path_factory.mktemp("hlo"))}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = {}
+    for x in _job("results", tmp_path_factory.mktemp("results")):
+        out.setdefault(x["case"], {})[x["runs"]] = x
+    return out
+
+
+# ----------------------------------------------------------------------------- reading the HLO
+
+
+def _texts(case: dict) -> dict:
+    from pathlib import Path
+
+    return {phase: Path(p).read_text() for phase, p in case["hlo"].items()}
+
+
+def replica_groups(line: str, n_devices: int) -> list[list[int]]:
+    """The device groups of one collective of XLA's HLO text, in any of its spellings:
+    ``{{0,1},{2,3}}``, the iota form ``[2,2]<=[4]`` / ``[2,2]<=[2,2]T(1,0)``, the mesh
+    form ``mesh['axis_0'=2,'axis_1'=2] {'axis_1'}``, ``source_target_pairs`` of a
+    permute, and ``{}`` (every device in one group)."""
+    if m := re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", line):
+        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]
+    if m := re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line):
+        shape, dims = [int(x) for x in m.group(1).split(",")], [int(x) for x in m.group(2).split(",")]
+        ids = np.arange(int(np.prod(dims))).reshape(dims)
+        if m.group(3):
+            ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+        return ids.reshape(shape[0], -1).tolist()
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line):
+        axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+        names, sizes = [a for a, _ in axes], [int(s) for _, s in axes]
+        reduced = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(2))]
+        kept = [i for i in range(len(names)) if i not in reduced]
+        ids = np.arange(int(np.prod(sizes))).reshape(sizes).transpose(kept + reduced)
+        return ids.reshape(-1, int(np.prod([sizes[i] for i in reduced]))).tolist()
+    if m := re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", line):
+        groups = [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+        return groups or [list(range(n_devices))]
+    raise AssertionError(f"no replica groups found in: {line[:300]}")
+
+
+def crossing(hlo_text: str, group: int, n_devices: int = 4) -> list[str]:
+    """The collectives of ``hlo_text`` whose device groups span more than one run group
+    (run group g = devices g*group .. (g+1)*group-1, the mesh's runs-major layout)."""
+    bad = []
+    for line in hlo_text.splitlines():
+        if COLLECTIVE.search(line):
+            for g in replica_groups(line, n_devices):
+                if len({d // group for d in g}) > 1:
+                    bad.append(line.strip()[:200])
+                    break
+    return bad
+
+
+def collectives(hlo_text: str) -> list[str]:
+    return [line.strip()[:200] for line in hlo_text.splitlines() if COLLECTIVE.search(line)]
+
+
+def test_replica_group_spellings_are_read():
+    assert replica_groups("x = all-reduce(y), replica_groups={{0,1},{2,3}}, to_apply=z", 4) == [[0, 1], [2, 3]]
+    assert replica_groups("replica_groups=[2,2]<=[4], use_global", 4) == [[0, 1], [2, 3]]
+    assert replica_groups("replica_groups=[2,2]<=[2,2]T(1,0), use", 4) == [[0, 2], [1, 3]]
+    assert replica_groups("replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_1'}, use", 4) == [[0, 1], [2, 3]]
+    assert replica_groups("replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0'}, use", 4) == [[0, 2], [1, 3]]
+    assert replica_groups("replica_groups={}, to_apply", 4) == [[0, 1, 2, 3]]
+    assert replica_groups("source_target_pairs={{0,1},{1,0}}, ", 4) == [[0, 1], [1, 0]]
+
+
+# ----------------------------------------------------------------------------- no collective crosses runs
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_with_one_device_per_run_group_the_train_step_has_no_collective(hlo, family):
+    """4 runs over mesh.runs=4 x data=1: every phase's train step of every method family
+    compiles to a program without a single collective (each group trains its run alone)."""
+    phases = _texts(hlo[family])
+    assert phases
+    for phase, text in phases.items():
+        assert "shard_map" in text  # really the per-group program
+        assert collectives(text) == [], (family, phase, collectives(text)[:3])
+
+
+def test_inside_a_run_group_collectives_stay_in_the_group(hlo):
+    """mesh.runs=2 x data=2: the batch is split inside each group, so the gradients are
+    all-reduced, but only among the group's two devices; the control layout (one group
+    of 4, data=4) all-reduces across all four, which the same reading catches."""
+    inside = _texts(hlo["ewc_runs2_data2"])["train"]
+    assert collectives(inside), "data=2 inside a group should all-reduce the gradients"
+    assert crossing(inside, group=2) == []
+    control = _texts(hlo["ewc_runs1_data4"])["train"]
+    assert crossing(control, group=2), "a 4-device all-reduce should count as crossing 2-device groups"
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@pytest.mark.parametrize("family", ["ewc", "packnet", "er"])
+def test_each_run_equals_the_one_device_program(results, family):
+    one, split = results[family][1], results[family][2]
+    assert one["devices"]["count"] == 1 and split["devices"]["count"] == 2
+    assert split["devices"]["mesh"] == {"runs": 2, "data": 1, "fsdp": 1}
+    assert [m[:2] for m in one["matrices"]] == [m[:2] for m in split["matrices"]]
+    for (_, seed, a), (_, _, b) in zip(one["matrices"], split["matrices"]):
+        assert a == b, (family, seed, a, b)  # the same numbers, bit for bit
+    assert one["matrices"][0][2] != one["matrices"][1][2]  # the runs differ
+    # each device holds half of the state: the runs are split, nothing else is
+    b1, b2 = one["state_bytes"], split["state_bytes"]
+    assert b2["total"] == b1["total"] and b2["devices"] == 2 and b2["per_device_max"] == b1["total"] // 2
+
+
+def test_the_sweep_x_seeds_grid_and_files(results):
+    ewc = results["ewc"][2]
+    assert [(s["method.ewc_lambda"], seed) for s, seed, _ in ewc["matrices"]] == [(1.0, 0), (1.0, 1), (1000.0, 0),
+                                                                                  (1000.0, 1)]
+    from pathlib import Path
+
+    wd = Path(ewc["workdir"])
+    saved = json.loads((wd / "method.ewc_lambda=1000" / "seed_1" / "results.json").read_text())
+    assert saved["devices"]["mesh"]["runs"] == 2 and saved["state_bytes"] == ewc["state_bytes"]
+    assert saved["accuracy_matrix"] == ewc["matrices"][3][2]
+    for summary in (wd / "summary.json", wd / "method.ewc_lambda=1" / "summary.json"):
+        s = json.loads(summary.read_text())
+        assert s["devices"]["mesh"] == {"runs": 2, "data": 1, "fsdp": 1} and s["state_bytes"] == ewc["state_bytes"]
+
+
+def test_per_seed_resident_streams_are_split_along_runs(results):
+    er = results["er"][2]
+    assert er["per_run"] and er["src"], "the permuted stream should be resident, one copy per seed"
+    spec, shard, shape = er["src"]["x"]
+    assert "runs" in spec and shape[0] == 2 and shard[0] == 1  # each device holds its own run's copy
+    spec, shard, shape = results["ewc"][2]["src"]["x"]  # one stream shared by every run: replicated
+    assert "runs" not in spec and shard == shape
+
+
+def test_a_killed_run_split_over_run_groups_resumes_exactly(tmp_path):
+    (r,) = _job("resume", tmp_path)
+    assert r["saves_before_crash"] == 4
+    assert r["resumed"] == r["full"] and r["full"][0] != r["full"][1]
+    assert r["states_equal"]
+    assert r["other_mesh"]["runs"] == 1 and r["other"] == r["full"]  # resumed onto one device: the same results
+
+
+# ----------------------------------------------------------------------------- refusals and rules
+
+
+def test_runs_that_mesh_runs_does_not_divide_are_refused_by_name(make_config, tmp_path, capsys):
+    from jaxcl import cli
+
+    c = make_config(seeds="(0, 1, 2)", mesh__runs=2)
+    with pytest.raises(jaxcl.ConfigError, match=r"mesh.runs=2 does not divide the 3 runs \(seeds x sweep settings\)"):
+        jaxcl.run(c, tmp_path / "w", echo=lambda s: None)
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(jaxcl.ConfigError, match="mesh.runs=4 does not divide the 6 runs"):
+        jaxcl.config.validate(make_config(seeds="(0, 1, 2)", sweep="('optimizer.lr=0.1,0.2',)", mesh__runs=4))
+    assert cli.main(["run", "split_digits", "--seeds", "0", "1", "2", "--set", "mesh.runs=2",
+                     "--workdir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mesh.runs=2 does not divide the 3 runs" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(jaxcl.ConfigError, match="mesh.runs: must be an integer >= 1, got 0"):
+        jaxcl.config.validate(make_config(mesh__runs=0))
+
+
+def test_a_run_axis_larger_than_the_devices_is_a_named_error(make_config, tmp_path):
+    with pytest.raises(sharding.ShardingError, match=r"mesh.runs=2 x mesh.fsdp=1 does not divide the 1 devices"):
+        jaxcl.run(make_config(seeds="(0, 1)", mesh__runs=2), tmp_path / "w", echo=lambda s: None)
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(sharding.ShardingError, match=r"asked for mesh.runs 2 x 1 x mesh.fsdp 1 = 2 devices, 1 visible"):
+        sharding.make_mesh(1, 1, 2)
+
+
+def test_state_specs_split_the_run_axis_and_keep_fsdp_inside():
+    mesh = AbstractMesh((2, 1, 2), ("runs", "data", "fsdp"))
+    assert sharding.spec("params/fc1/kernel", (4, 64, 128), 4, mesh, lead=1, min_bytes=0) == P("runs", None, "fsdp")
+    assert sharding.spec("step", (4,), 4, mesh, lead=1) == P("runs")
+    assert sharding.spec("params/fc1/kernel", (64, 128), 4, mesh, lead=0, min_bytes=0) == P(None, "fsdp")
+    assert sharding.spec("extra/memory/x", (4, 10, 3), 4, AbstractMesh((2, 2, 1), ("runs", "data", "fsdp")),
+                         lead=1, min_bytes=0) == P("runs", "data")
+    one = AbstractMesh((1, 2, 1), ("runs", "data", "fsdp"))  # one run group: the run axis is not split
+    assert sharding.spec("params/fc1/kernel", (4, 64, 128), 4, one, lead=1, min_bytes=0) == P()
