@@ -415,7 +415,8 @@ def _compile(S: Setup) -> None:
         return functools.lru_cache(None)(
             lambda phase: jax.jit(S.lift(lambda m, tx: functools.partial(make(m, tx), phase=phase), in_axes), **jit))
 
-    S.fns["train"] = per_phase(lambda m, tx: make_train_chunk(m, tx, aug, res, S.chunk == "unrolled"), (0, sa, 0, None),
+    unrolled = S.chunk == "unrolled"
+    S.fns["train"] = per_phase(lambda m, tx: make_train_chunk(m, tx, aug, res, unrolled), (0, sa, 0, None),
                                donate_argnums=0, out_shardings=(st, per_run))
     S.fns["eval"] = jax.jit(S.lift(lambda m, tx: make_eval_step(m, res), (0, sa, ia, None)), out_shardings=per_run)
     S.fns["begin_task"] = jax.jit(S.lift(lambda m, tx: m.begin_task, (0, None)), donate_argnums=0, out_shardings=st)
