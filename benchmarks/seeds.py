@@ -2,7 +2,12 @@
 
 Workloads (one JSON line each): 8 seeds of ``split_mnist:method=ewc`` and of
 ``permuted_mnist:method=packnet``, kept short with ``data.train_limit``, epochs and
-num_tasks. In this process: first ``seeds=(0,...,7)`` (one ``jaxcl.run``, every seed
+num_tasks; ``resnet``: the reduced ResNet-18 of split_cifar10 (W2's model, finetune;
+issue 18), where ``loop.run_axis=auto`` runs the seeds one after another inside the
+program on CPU (``map``) instead of ``vmap``-ing them. ``--set KEY=VALUE`` adds
+overrides to every run (say ``loop.run_axis=vmap`` to time the other choice).
+
+In this process: first ``seeds=(0,...,7)`` (one ``jaxcl.run``, every seed
 vmapped), then ``seed=0`` ... ``seed=7`` as 8 whole runs. Figures: wall-clock ratio
 (program / sum of the sequential runs' wall; each wall is the whole ``jaxcl.run``, compile
 and evaluation included, as a user waits for it), the same ratio of ``train_s``, and the
@@ -18,7 +23,7 @@ of the run repeats). On CPU the figure is the process's peak RSS (``getrusage``)
 ``memory_stats()['peak_bytes_in_use']`` is printed too. ``stream_bytes`` is the resident
 stream's images.
 
-    python benchmarks/seeds.py [--workloads ewc packnet] [--seeds 8]
+    python benchmarks/seeds.py [--workloads ewc packnet resnet] [--seeds 8] [--set KEY=VALUE ...]
     python benchmarks/seeds.py --memory
 """
 from __future__ import annotations
@@ -42,12 +47,16 @@ WORKLOADS = {
     "packnet": ("permuted_mnist:method=packnet",
                 ["data.train_limit=2000", "data.test_limit=500", "num_tasks=3", "epochs=2",
                  "method.retrain_epochs=1"]),
+    "resnet": ("split_cifar10:method=finetune",
+               ["num_tasks=2", "epochs=1", "data.train_limit=256", "data.test_limit=128"]),
 }
+DEFAULT_WORKLOADS = ("ewc", "packnet")
 MEMORY = ("split_cifar10:method=finetune", ["loop.steps_per_call=8"])
 
 
-def bench_workload(name: str, n_seeds: int) -> dict:
+def bench_workload(name: str, n_seeds: int, sets=()) -> dict:
     spec, extra = WORKLOADS[name]
+    extra = [*extra, *sets]
     base = [f"data.dir={common.DATA_DIR}", *QUIET, *extra]
     seeds = tuple(range(n_seeds))
     load = [float(open("/proc/loadavg").read().split()[0])]
@@ -69,6 +78,8 @@ def bench_workload(name: str, n_seeds: int) -> dict:
         "runs_in_program": prog["runs_in_program"],
         "data_path": prog["data_path"],
         "steps_per_call": prog["steps_per_call"],
+        "loop_chunk": prog["runs"][0].get("loop_chunk"),
+        "run_axis": prog["runs"][0].get("run_axis"),
         "wall_s_program": round(prog["wall_s"], 2),
         "wall_s_sequential": round(wall_seq, 2),
         "wall_ratio": round(prog["wall_s"] / wall_seq, 3),
@@ -141,7 +152,8 @@ def bench_memory() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every run")
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--memory", action="store_true", help="peak memory of split_cifar10, 1 and 8 seeds")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -153,7 +165,7 @@ def main(argv=None) -> int:
         common.emit(bench_memory())
         return 0
     for name in args.workloads:
-        common.emit(bench_workload(name, args.seeds))
+        common.emit(bench_workload(name, args.seeds, args.set))
     return 0
 
 

@@ -118,6 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
     # row, padding steps masked with jnp.where: no step inside a loop or conditional), auto (unrolled on
     # CPU when the step has a convolution, which XLA:CPU runs ~20x slower inside a loop; else scan)
     c.loop.chunk = "auto"
+    # how several runs (--seeds, a sweep) share one program: vmap (a leading run axis, every compiled function
+    # vmapped), map (each function compiled for one run and called for every run in turn), auto (map on CPU
+    # when the step has a convolution, which XLA:CPU runs ~7x slower vmapped, as a grouped convolution; else vmap)
+    c.loop.run_axis = "auto"
 
     c.mesh = ml_collections.ConfigDict()
     # run groups: the runs of seeds/sweep (a leading axis of one program) are split over
@@ -313,6 +317,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.data.memory_budget_mb >= 0, f"data.memory_budget_mb: must be >= 0 (0: auto), got {c.data.memory_budget_mb}")
     steps_per_call(c)
     need(c.loop.chunk in CHUNKS, f"loop.chunk: {c.loop.chunk!r} is not one of {', '.join(CHUNKS)}")
+    need(c.loop.run_axis in RUN_AXES, f"loop.run_axis: {c.loop.run_axis!r} is not one of {', '.join(RUN_AXES)}")
     seeds = tuple(c.seeds)
     need(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds), f"seeds: expected integers, got {seeds}")
     need(all(s >= 0 for s in seeds), f"seeds: every seed must be an integer >= 0, got {seeds}")
@@ -354,6 +359,7 @@ def _validate_setting(c: ml_collections.ConfigDict, setting: dict, where: str) -
 
 
 CHUNKS = ("auto", "scan", "unrolled")
+RUN_AXES = ("auto", "vmap", "map")
 
 
 def steps_per_call(c: ml_collections.ConfigDict) -> int | None:

@@ -166,6 +166,44 @@ def has_convolution(fn: Callable, *args) -> bool:
     return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
+def run_map(S, make: Callable, in_axes, donate_argnums=(), out_shardings=None) -> Callable:
+    """``loop.run_axis=map``: the function of all runs (stacked on a leading run axis,
+    as :meth:`Setup.lift`'s) made of ``make(method, tx)``'s one-run function, jitted once
+    and called for each run in turn on its slices of the arguments whose ``in_axes`` is
+    0 (the others are shared), the outputs stacked. Each run computes exactly its single
+    run's program; no convolution is batched over runs (XLA:CPU runs a ``vmap``-ed one as
+    a grouped convolution, ~7x slower than the runs one after another). A swept value
+    enters as a traced argument, so every run shares one compiled program."""
+    R, axes = S.R, tuple(in_axes)
+    donate = tuple(d + 1 for d in np.atleast_1d(donate_argnums).tolist())
+    if S.hp:
+        values = [{k: np.float32(v[r]) for k, v in S.hp.items()} for r in range(R)]
+
+        def one(h, *args):
+            m, tx = _built(S, h)
+            return make(m, tx)(*args)
+    else:
+        values, fn = [None] * R, make(S.method, S.tx)
+
+        def one(h, *args):
+            return fn(*args)
+
+    one = jax.jit(one, donate_argnums=donate)
+    split = jax.jit(lambda args: [jax.tree_util.tree_map(lambda a: a[r], args) for r in range(R)])
+    stack = jax.jit(lambda outs: jax.tree_util.tree_map(lambda *o: jnp.stack(o), *outs),
+                    **({"out_shardings": out_shardings} if out_shardings is not None else {}))
+
+    def call(*args):
+        runs = split([a for a, ax in zip(args, axes) if ax == 0])
+        outs = []
+        for r in range(R):
+            mine = iter(runs[r])
+            outs.append(one(values[r], *[next(mine) if ax == 0 else a for a, ax in zip(args, axes)]))
+        return stack(outs)
+
+    return call
+
+
 def make_eval_step(method: methods.Method, resident: bool = False) -> Callable:
     """``(state, src, item, task) -> number of correct predictions`` (padding excluded)."""
 
@@ -211,7 +249,8 @@ class Setup:
     run_configs: list = dataclasses.field(default_factory=list)  # each run's own config (its seed and setting)
     hp: dict = dataclasses.field(default_factory=dict)  # swept values traced into the program: KEY -> [R]
     state_sharding: object = None  # a NamedSharding per State leaf (sharding.RULES)
-    chunk: str = "scan"  # how a compiled call runs its steps: loop.chunk with auto resolved (_chunk_kind)
+    chunk: str = "scan"  # how a compiled call runs its steps: loop.chunk with auto resolved (_loop_kinds)
+    run_axis: str = "vmap"  # how several runs share the program: loop.run_axis with auto resolved
 
     @property
     def R(self) -> int:
@@ -251,6 +290,14 @@ class Setup:
         specs = tuple(P("runs") if a == 0 else P() for a in in_axes)
         return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=P("runs"), axis_names={"runs"},
                              check_vma=False)
+
+    def jit(self, make: Callable, in_axes, **jit_kw):
+        """The compiled function of all runs: ``jax.jit`` of :meth:`lift` (one run,
+        ``loop.run_axis=vmap``, or several run groups: :meth:`per_group`), or with ``map``
+        :func:`run_map` (one run's function compiled once and called for each run in turn)."""
+        if self.R == 1 or self.run_axis == "vmap" or self.mesh.shape["runs"] > 1:
+            return jax.jit(self.lift(make, in_axes), **jit_kw)
+        return run_map(self, make, in_axes, **jit_kw)
 
     def run_dir(self, workdir: Path, r: int) -> Path:
         if not self.multi:
@@ -299,22 +346,28 @@ def _built(S: Setup, values: dict):
     return methods.build(c, S.model, S.info), optim.make(c.optimizer)
 
 
-def _chunk_kind(S: Setup) -> str:
-    """``loop.chunk`` resolved: ``auto`` is ``unrolled`` on CPU when the train step
-    computes a convolution (XLA:CPU runs one inside a loop or conditional ~20x slower:
-    benchmarks/RESULTS.md, issue 18), else ``scan`` (one compiled copy of the step: the
-    point of the device loop on GPU/TPU, and as fast on CPU for dense models)."""
-    kind = S.config.loop.chunk
-    if kind != "auto":
-        return kind
-    if jax.devices()[0].platform != "cpu":
-        return "scan"
+def _loop_kinds(S: Setup) -> tuple[str, str]:
+    """``loop.chunk`` and ``loop.run_axis`` with ``auto`` resolved. On CPU, when the train
+    step computes a convolution: ``unrolled`` (XLA:CPU runs one inside a loop or a
+    conditional ~20x slower) and ``map`` (~7x slower ``vmap``-ed over runs, as a grouped
+    convolution); see benchmarks/RESULTS.md, issue 18. Otherwise ``scan`` (one compiled
+    copy of the step: the point of the device loop on GPU/TPU, and as fast on CPU for
+    dense models) and ``vmap`` (all runs in one batched program)."""
+    chunk, axis = S.config.loop.chunk, S.config.loop.run_axis
+    if "auto" in (chunk, axis):
+        conv = jax.devices()[0].platform == "cpu" and _step_has_convolution(S)
+        chunk = ("unrolled" if conv else "scan") if chunk == "auto" else chunk
+        # several run groups (mesh.runs) vmap inside each group's shard_map
+        axis = ("map" if conv and S.mesh.shape["runs"] == 1 else "vmap") if axis == "auto" else axis
+    return chunk, axis
+
+
+def _step_has_convolution(S: Setup) -> bool:
     state = jax.eval_shape(_make_init(S)(S.method, S.tx), jax.random.PRNGKey(0))
     batch = next(data.batches(data.pool(S.streams[0], 0, normalize=S.config.data.normalize), S.config.batch_size))
     step = make_train_step(S.method, S.tx, S.config.data.augment)
     phase = S.method.phases(0)[0].name
-    conv = has_convolution(lambda st, b: step(st, b, jnp.int32(0), phase), state, batch)
-    return "unrolled" if conv else "scan"
+    return has_convolution(lambda st, b: step(st, b, jnp.int32(0), phase), state, batch)
 
 
 def _auto_steps_per_call(S: Setup) -> int:
@@ -386,7 +439,7 @@ def setup(config) -> Setup:
               optim.make(base.optimizer), feed, 1, {}, {}, run_configs)
     if S.R > 1:  # the swept values the program computes with (the learning rate is set per epoch instead)
         S.hp = {k: np.asarray([st[k] for st, _ in runs], np.float32) for k in settings[0] if k != "optimizer.lr"}
-    S.chunk = _chunk_kind(S)
+    S.chunk, S.run_axis = _loop_kinds(S)
     S.steps_per_call = config_lib.steps_per_call(config) or _auto_steps_per_call(S)
     # a resident copy per run (seed-dependent streams) is split along `runs` with the runs
     src_sharding = sharding.runs_sharding(mesh, int(feed.per_run))
@@ -413,18 +466,18 @@ def _compile(S: Setup) -> None:
 
     def per_phase(make, in_axes, **jit):
         return functools.lru_cache(None)(
-            lambda phase: jax.jit(S.lift(lambda m, tx: functools.partial(make(m, tx), phase=phase), in_axes), **jit))
+            lambda phase: S.jit(lambda m, tx: functools.partial(make(m, tx), phase=phase), in_axes, **jit))
 
     unrolled = S.chunk == "unrolled"
     S.fns["train"] = per_phase(lambda m, tx: make_train_chunk(m, tx, aug, res, unrolled), (0, sa, 0, None),
                                donate_argnums=0, out_shardings=(st, per_run))
-    S.fns["eval"] = jax.jit(S.lift(lambda m, tx: make_eval_step(m, res), (0, sa, ia, None)), out_shardings=per_run)
-    S.fns["begin_task"] = jax.jit(S.lift(lambda m, tx: m.begin_task, (0, None)), donate_argnums=0, out_shardings=st)
+    S.fns["eval"] = S.jit(lambda m, tx: make_eval_step(m, res), (0, sa, ia, None), out_shardings=per_run)
+    S.fns["begin_task"] = S.jit(lambda m, tx: m.begin_task, (0, None), donate_argnums=0, out_shardings=st)
     S.fns["after_phase"] = per_phase(lambda m, tx: m.after_phase, (0, None), donate_argnums=0, out_shardings=st)
     if S.method.consolidate is not None:
         S.fns["consolidate"] = per_phase(lambda m, tx: make_consolidate(m, res), (0, sa, ia, None),
                                          donate_argnums=0, out_shardings=st)
-    S.fns["reset_opt"] = jax.jit(S.lift(lambda m, tx: tx.init, (0,)), out_shardings=st.opt_state)
+    S.fns["reset_opt"] = S.jit(lambda m, tx: tx.init, (0,), out_shardings=st.opt_state)
     S.fns["set_lr"] = jax.jit(lambda state, lr: state.replace(opt_state=optim.with_lr(state.opt_state, lr)),
                               donate_argnums=0, out_shardings=st, in_shardings=(st, per_run))
 
@@ -756,6 +809,7 @@ def run_results(S: Setup, state, r: int, run_record: dict, record: dict) -> dict
                           "why": getattr(S.feed, "pipeline_why", "")},
         "steps_per_call": S.steps_per_call,
         "loop_chunk": S.chunk,
+        "run_axis": S.run_axis,
         "resumed_with_changes": record.get("changes", []),
         "devices": {"count": int(S.mesh.devices.size), "platform": jax.devices()[0].platform,
                     "kind": jax.devices()[0].device_kind, "processes": jax.process_count(),
