@@ -112,7 +112,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.plots = True
 
     c.loop = ml_collections.ConfigDict()
-    c.loop.steps_per_call = "auto"  # train steps per compiled call (a lax.scan); auto or an integer >= 1
+    c.loop.steps_per_call = "auto"  # train steps per compiled call; auto or an integer >= 1
+    # how a call runs its steps: scan (a lax.scan, one copy of the step compiled), unrolled (K copies in a
+    # row, padding steps masked with jnp.where: no step inside a loop or conditional), auto (unrolled on
+    # CPU when the step has a convolution, which XLA:CPU runs ~20x slower inside a loop; else scan)
+    c.loop.chunk = "auto"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the `data` axis (-1: all the devices `fsdp` leaves)
@@ -284,6 +288,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.data.grain_workers >= -1, f"data.grain_workers: must be -1 (auto), 0 or more, got {c.data.grain_workers}")
     need(c.data.memory_budget_mb >= 0, f"data.memory_budget_mb: must be >= 0 (0: auto), got {c.data.memory_budget_mb}")
     steps_per_call(c)
+    need(c.loop.chunk in CHUNKS, f"loop.chunk: {c.loop.chunk!r} is not one of {', '.join(CHUNKS)}")
     seeds = tuple(c.seeds)
     need(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds), f"seeds: expected integers, got {seeds}")
     dup = sorted({s for s in seeds if seeds.count(s) > 1})
@@ -292,6 +297,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.mesh.fsdp >= 1, f"mesh.fsdp: must be >= 1, got {c.mesh.fsdp}")
     need(c.mesh.data == -1 or c.mesh.data >= 1, f"mesh.data: must be -1 (all devices) or >= 1, got {c.mesh.data}")
     method_module(c.method.name).validate(c)
+
+
+CHUNKS = ("auto", "scan", "unrolled")
 
 
 def steps_per_call(c: ml_collections.ConfigDict) -> int | None:

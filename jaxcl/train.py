@@ -4,8 +4,8 @@ Sections: compiled functions, set-up (streams, model, method, mesh, feed), state
 or restored), evaluation, one task, results, and :func:`run` tying them together.
 For each task:
 
-    begin_task -> epochs of compiled calls, each a lax.scan of K train steps (task id
-    traced: no recompilation when the task changes) -> consolidation pass (if the
+    begin_task -> epochs of compiled calls, each K train steps (a lax.scan, or unrolled on
+    CPU for conv models: loop.chunk; task id traced: no recompilation when the task changes) -> consolidation pass (if the
     method has one) -> after_phase (per phase) -> evaluate every task, seen and unseen
     -> one row of the accuracy matrix -> checkpoint -> log
 
@@ -111,14 +111,29 @@ def _batch(resident: bool, src, item) -> dict:
     return feed_lib.gather(src, item["idx"], item["valid"]) if resident else item
 
 
-def make_train_chunk(method: methods.Method, tx, augment: bool, resident: bool) -> Callable:
-    """``(state, src, xs, task, phase) -> (state, metrics [K])``: ``lax.scan`` of the
-    train step over the K items of ``xs``; a step whose ``xs["active"]`` is False
-    leaves the state as it is (the padding of a chunk shorter than K)."""
+def make_train_chunk(method: methods.Method, tx, augment: bool, resident: bool, unrolled: bool = False) -> Callable:
+    """``(state, src, xs, task, phase) -> (state, metrics [K])``: the train step over the
+    K items of ``xs``; a step whose ``xs["active"]`` is False leaves the state as it is
+    (the padding of a chunk shorter than K) and reports zeros.
+
+    ``unrolled=False``: a ``lax.scan`` whose body is a ``lax.cond`` (one copy of the step
+    compiled; padding steps skipped). ``unrolled=True``: K copies of the step in a row and
+    the padding masked arithmetically (``jnp.where`` over the new state and metrics), so
+    that no step sits inside a loop or a conditional: XLA:CPU runs a convolution there
+    ~20x slower (its weight-gradient convolutions keep a layout it has no fast kernel for),
+    see ``loop.chunk``. Both compute the same numbers."""
     step = make_train_step(method, tx, augment)
 
     def train_chunk(state: State, src, xs: dict, task: jax.Array, phase: str):
         TRACES["train_chunk"] += 1
+        if unrolled:
+            outs = []
+            for k in range(xs["active"].shape[0]):
+                x = jax.tree_util.tree_map(lambda a: a[k], xs)
+                new, out = step(state, _batch(resident, src, x["item"]), task, phase)
+                state = jax.tree_util.tree_map(lambda n, o: jnp.where(x["active"], n, o), new, state)
+                outs.append(jax.tree_util.tree_map(lambda v: jnp.where(x["active"], v, jnp.zeros_like(v)), out))
+            return state, jax.tree_util.tree_map(lambda *v: jnp.stack(v), *outs)
         first = jax.tree_util.tree_map(lambda a: a[0], xs["item"])
         shapes = jax.eval_shape(lambda s, b: step(s, b, task, phase)[1], state, _batch(resident, src, first))
         idle = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -130,6 +145,24 @@ def make_train_chunk(method: methods.Method, tx, augment: bool, resident: bool) 
         return jax.lax.scan(body, state, xs)
 
     return train_chunk
+
+
+def has_convolution(fn: Callable, *args) -> bool:
+    """Whether ``fn(*args)`` computes a convolution anywhere (nested calls, custom
+    gradients and control flow included), read from its jaxpr."""
+
+    def walk(jaxpr) -> bool:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                return True
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, (tuple, list)) else (v,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns") and walk(sub):
+                        return True
+        return False
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def make_eval_step(method: methods.Method, resident: bool = False) -> Callable:
@@ -177,6 +210,7 @@ class Setup:
     run_configs: list = dataclasses.field(default_factory=list)  # each run's own config (its seed and setting)
     hp: dict = dataclasses.field(default_factory=dict)  # swept values traced into the program: KEY -> [R]
     state_sharding: object = None  # a NamedSharding per State leaf (sharding.RULES)
+    chunk: str = "scan"  # how a compiled call runs its steps: loop.chunk with auto resolved (_chunk_kind)
 
     @property
     def R(self) -> int:
@@ -249,11 +283,34 @@ def _built(S: Setup, values: dict):
     return methods.build(c, S.model, S.info), optim.make(c.optimizer)
 
 
+def _chunk_kind(S: Setup) -> str:
+    """``loop.chunk`` resolved: ``auto`` is ``unrolled`` on CPU when the train step
+    computes a convolution (XLA:CPU runs one inside a loop or conditional ~20x slower:
+    benchmarks/RESULTS.md, issue 18), else ``scan`` (one compiled copy of the step: the
+    point of the device loop on GPU/TPU, and as fast on CPU for dense models)."""
+    kind = S.config.loop.chunk
+    if kind != "auto":
+        return kind
+    if jax.devices()[0].platform != "cpu":
+        return "scan"
+    state = jax.eval_shape(_make_init(S)(S.method, S.tx), jax.random.PRNGKey(0))
+    batch = next(data.batches(data.pool(S.streams[0], 0, normalize=S.config.data.normalize), S.config.batch_size))
+    step = make_train_step(S.method, S.tx, S.config.data.augment)
+    phase = S.method.phases(0)[0].name
+    conv = has_convolution(lambda st, b: step(st, b, jnp.int32(0), phase), state, batch)
+    return "unrolled" if conv else "scan"
+
+
 def _auto_steps_per_call(S: Setup) -> int:
-    """K for ``loop.steps_per_call=auto``. One run skips a chunk's padding steps (a
-    ``lax.cond``), so K is as large as allowed, never more than the shortest task's epoch.
-    Runs stacked by ``vmap`` compute a padding step like any other, so K then minimises
-    the steps computed plus a few steps' worth of overhead per call."""
+    """K for ``loop.steps_per_call=auto``. An unrolled chunk compiles K copies of the
+    step and runs them no faster than one (a convolutional step costs far more than a
+    call: the cnn on split_cifar10 compiled in 22 s / 31 s / 54 s for K = 1 / 2 / 4 at the
+    same time per step), so K = 1 there. In a scan, one run skips a chunk's padding steps
+    (a ``lax.cond``), so K is as large as allowed, never more than the shortest task's
+    epoch. Runs stacked by ``vmap`` compute a padding step like any other, so K then
+    minimises the steps computed plus a few steps' worth of overhead per call."""
+    if S.chunk == "unrolled":
+        return 1
     B = S.config.batch_size
     slots = [max(S.feed.size(r, "train", S.pool_tasks(t)) // B for r in range(S.R)) for t in range(S.num_tasks)]
     if S.R == 1:
@@ -312,6 +369,7 @@ def setup(config) -> Setup:
               optim.make(base.optimizer), feed, 1, {}, {}, run_configs)
     if S.R > 1:  # the swept values the program computes with (the learning rate is set per epoch instead)
         S.hp = {k: np.asarray([st[k] for st, _ in runs], np.float32) for k in settings[0] if k != "optimizer.lr"}
+    S.chunk = _chunk_kind(S)
     S.steps_per_call = config_lib.steps_per_call(config) or _auto_steps_per_call(S)
     S.src = {split: sharding.put(feed.src(split), sharding.replicated(mesh)) for split in ("train", "test")
              if feed.src(split) is not None}
@@ -335,7 +393,7 @@ def _compile(S: Setup) -> None:
         return functools.lru_cache(None)(
             lambda phase: jax.jit(S.lift(lambda m, tx: functools.partial(make(m, tx), phase=phase), in_axes), **jit))
 
-    S.fns["train"] = per_phase(lambda m, tx: make_train_chunk(m, tx, aug, res), (0, sa, 0, None),
+    S.fns["train"] = per_phase(lambda m, tx: make_train_chunk(m, tx, aug, res, S.chunk == "unrolled"), (0, sa, 0, None),
                                donate_argnums=0, out_shardings=(st, rep))
     S.fns["eval"] = jax.jit(S.lift(lambda m, tx: make_eval_step(m, res), (0, sa, ia, None)), out_shardings=rep)
     S.fns["begin_task"] = jax.jit(S.lift(lambda m, tx: m.begin_task, (0, None)), donate_argnums=0, out_shardings=st)
@@ -663,6 +721,7 @@ def run_results(S: Setup, state, r: int, run_record: dict, record: dict) -> dict
         "data_pipeline": {"asked": cfg.data.pipeline, "picked": getattr(S.feed, "pipeline", "memory"),
                           "why": getattr(S.feed, "pipeline_why", "")},
         "steps_per_call": S.steps_per_call,
+        "loop_chunk": S.chunk,
         "resumed_with_changes": record.get("changes", []),
         "devices": {"count": int(S.mesh.devices.size), "platform": jax.devices()[0].platform,
                     "kind": jax.devices()[0].device_kind, "processes": jax.process_count(),

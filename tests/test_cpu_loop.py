@@ -1,0 +1,103 @@
+"""No convolution inside a loop or conditional on CPU (issue 18): XLA:CPU runs a conv
+step inside a while body or a conditional branch ~20x slower, so ``loop.chunk=auto``
+unrolls the chunk of a convolutional model there and masks its padding steps with
+``jnp.where``. These tests read the compiled program, and check that the unrolled chunk
+computes what the scan does (test_loop.py checks the scan against single steps and the
+host path against the device path; equality with the scan carries those over)."""
+import re
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import jaxcl
+from jaxcl import train
+from test_loop import _final_state, _train_rows, quiet
+
+CNN = {"model__name": "cnn", "model__width": 4, "num_tasks": 2, "epochs": 1}
+CONTROL = re.compile(r"\b(condition|body|true_computation|false_computation)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
+
+
+def convolutions_in_control_flow(hlo: str) -> tuple[int, int]:
+    """(convolutions in the program, convolutions inside a while loop's condition or body
+    or a conditional's branch, nested calls and fusions included), from compiled HLO text."""
+    bodies, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$", line)
+        if head:
+            name = head.group(1)
+            bodies[name] = []
+        elif name is not None:
+            bodies[name].append(line)
+    calls = {n: set(re.findall(r"%([\w.\-]+)", " ".join(b))) & bodies.keys() for n, b in bodies.items()}
+    convs = {n: sum(" convolution(" in x for x in b) for n, b in bodies.items()}
+    inside, todo = set(), []
+    for b in bodies.values():
+        for m in CONTROL.finditer(" ".join(b)):
+            todo += [m.group(2)] if m.group(2) else re.findall(r"%([\w.\-]+)", m.group(3))
+    while todo:
+        n = todo.pop()
+        if n not in inside:
+            inside.add(n)
+            todo += calls.get(n, ())
+    return sum(convs.values()), sum(convs[n] for n in inside)
+
+
+def compiled_train_call(config) -> tuple[str, train.Setup]:
+    S = train.setup(config)
+    state = train._init_fn(S)(train._keys(S))
+    K, B = S.steps_per_call, config.batch_size
+    xs = S.feed.train_items(0, [np.arange(S.feed.size(0, "train", 0))], range(K), B, K)
+    fn = S.fns["train"](S.method.phases(0)[0].name)
+    return fn.lower(state, S.src.get("train"), train._items(S, xs, 1), jax.numpy.int32(0)).compile().as_text(), S
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="the choice tested is the CPU one")
+def test_a_conv_models_train_call_has_no_convolution_inside_control_flow_on_cpu(make_config):
+    hlo, S = compiled_train_call(make_config("split_digits:method=finetune", **CNN))
+    assert S.chunk == "unrolled" and S.steps_per_call == 1  # what loop.chunk=auto picks here
+    total, inside = convolutions_in_control_flow(hlo)
+    assert total >= 4 and inside == 0
+    # the check bites: the rolled chunk (a scan of conds) has every convolution inside
+    hlo, S = compiled_train_call(make_config("split_digits:method=finetune", loop__chunk="scan",
+                                             loop__steps_per_call=2, **CNN))
+    total, inside = convolutions_in_control_flow(hlo)
+    assert S.chunk == "scan" and total >= 4 and inside == total
+    # and a dense model keeps the scan: a dot inside a loop is not slow
+    assert train.setup(make_config("split_digits:method=finetune")).chunk == "scan"
+
+
+def test_the_unrolled_chunk_trains_on_the_same_numbers_as_the_scan(make_config, tmp_path):
+    """Same K (so the same chunks, padding included), scan against unrolled: the same
+    accuracy matrices, logged losses and final state; two seeds whose streams differ in
+    length, so that the shorter run's padding steps are masked in the unrolled chunk."""
+    out = {}
+    for kind in ("scan", "unrolled"):
+        c = make_config("split_digits:method=finetune", loop__chunk=kind, loop__steps_per_call=4, log__every_steps=3,
+                        seeds="(0, 2)", data__shuffle_classes="true", batch_size=10, data__augment="true",
+                        checkpoint__every_steps=7, **CNN)
+        out[kind] = jaxcl.run(c, tmp_path / kind, echo=quiet)
+    batches = [x["stream"]["train_sizes"][0] // 10 for x in out["unrolled"]["runs"]]
+    assert batches[0] != batches[1]  # the runs really have different numbers of batches
+    for r in ("seed_0", "seed_2"):
+        a, b = _train_rows(tmp_path / "scan" / r), _train_rows(tmp_path / "unrolled" / r)
+        assert [x["step"] for x in a] == [x["step"] for x in b]
+        np.testing.assert_allclose([x["loss"] for x in b], [x["loss"] for x in a], rtol=1e-5)
+    chex.assert_trees_all_close([x["accuracy_matrix"] for x in out["unrolled"]["runs"]],
+                                [x["accuracy_matrix"] for x in out["scan"]["runs"]], atol=1e-6)
+    chex.assert_trees_all_close(_final_state(tmp_path / "unrolled")["params"],
+                                _final_state(tmp_path / "scan")["params"], atol=1e-5, rtol=1e-5)
+
+
+def test_the_nan_check_names_the_exact_step_inside_an_unrolled_chunk(make_config, tmp_path):
+    """lr=1e30: step 0 is finite, step 1 is not (as with one step per call in test_loop)."""
+    c = make_config("split_digits:method=finetune", optimizer__lr=1e30, loop__chunk="unrolled",
+                    loop__steps_per_call=3, **CNN)
+    with pytest.raises(train.NonFiniteLossError, match="epoch 0: global step 1 "):
+        jaxcl.run(c, tmp_path, echo=quiet)
+
+
+def test_a_bad_loop_chunk_is_refused_by_name(make_config):
+    with pytest.raises(jaxcl.ConfigError, match="loop.chunk: 'rolled' is not one of auto, scan, unrolled"):
+        jaxcl.config.validate(make_config(loop__chunk="rolled"))
