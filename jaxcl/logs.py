@@ -4,7 +4,7 @@ A run's logs are exact across a kill and ``--resume``: every checkpoint records 
 each run's ``metrics.jsonl`` was when it was written (:meth:`Writer.offset`), and a
 resumed run cuts the file back to that length and rebuilds the TensorBoard scalars from
 what is kept (:meth:`Writer.start`), so rows logged after the checkpoint are not
-repeated. A fresh run starts both from nothing.
+repeated. (A fresh run finds neither: :func:`jaxcl.train.run` clears an earlier run's.)
 """
 from __future__ import annotations
 
@@ -35,14 +35,14 @@ class Writer:
         return self.path.stat().st_size
 
     def start(self, offset: int | None) -> None:
-        """Continue the logs from ``offset`` (what a checkpoint recorded; 0: a fresh run):
-        ``metrics.jsonl`` is cut back to it and the TensorBoard scalars are rebuilt from
-        the rows kept. ``None`` (a checkpoint from before offsets were recorded): append."""
+        """Continue the logs from ``offset`` (what a checkpoint recorded): ``metrics.jsonl``
+        is cut back to it and the TensorBoard scalars are rebuilt from the rows kept.
+        ``None`` (a fresh run, or a checkpoint from before offsets were recorded): append."""
         if offset is None:
             return
         self._jsonl.flush()
         size = self.path.stat().st_size
-        if offset >= size and (offset or not (self.workdir / "tensorboard").exists()):
+        if offset >= size:
             return  # nothing was logged after the checkpoint
         self._jsonl.truncate(min(offset, size))
         if self._tb is not None:

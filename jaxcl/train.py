@@ -979,7 +979,7 @@ def run(config, workdir: str | Path, *, resume: bool = False, resume_from: int |
             hooks = _Hooks(S, ckpt, record, t_start, record["wall_s"], writers)
             resumed_logs = record.get("logs")  # None: a fresh run, or a checkpoint older than log offsets
             for r, w in enumerate(writers):
-                w.start(resumed_logs["offsets"][r] if resumed_logs else (None if record["saves"] else 0))
+                w.start(resumed_logs["offsets"][r] if resumed_logs else None)
             if resumed_logs:
                 hooks.logger.window = [list(w) for w in resumed_logs["window"]]
                 hooks.logger.first = list(resumed_logs["first"])

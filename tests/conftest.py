@@ -119,7 +119,7 @@ def pytest_runtest_protocol(item, nextitem):
 # `--dist loadfile --no-loadscope-reorder` the two workers take whole files in this order,
 # so the long ones start early and the short ones fill in at the end. Files not named here
 # follow, in pytest's order.
-HEAVY_FIRST = ("test_distributed.py", "test_loop.py", "test_api.py", "test_baselines.py", "test_train.py",
+HEAVY_FIRST = ("test_distributed.py", "test_resume_layout.py", "test_cli_errors.py", "test_loop.py", "test_api.py", "test_baselines.py", "test_train.py",
                "test_packnet.py", "test_methods.py", "test_cli.py", "test_sharding.py", "test_export.py")
 
 
