@@ -318,6 +318,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     steps_per_call(c)
     need(c.loop.chunk in CHUNKS, f"loop.chunk: {c.loop.chunk!r} is not one of {', '.join(CHUNKS)}")
     need(c.loop.run_axis in RUN_AXES, f"loop.run_axis: {c.loop.run_axis!r} is not one of {', '.join(RUN_AXES)}")
+    need(not (c.loop.run_axis == "map" and c.mesh.runs > 1),
+         f"loop.run_axis=map runs the runs one after another on every device; with mesh.runs={c.mesh.runs} each run "
+         "group vmaps its own runs: use loop.run_axis=vmap (or auto)")
     seeds = tuple(c.seeds)
     need(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds), f"seeds: expected integers, got {seeds}")
     need(all(s >= 0 for s in seeds), f"seeds: every seed must be an integer >= 0, got {seeds}")
