@@ -32,7 +32,7 @@ exists, as benchmarks/common.py does): FLOP per step = 6 x params x batch for th
 (``flops.jsonl``, same model and batch 32).
 
     python benchmarks/loop.py [--streams split_mnist permuted_mnist split_cifar10 split_cifar10_cnn]
-                              [--repeats N] [--variants host chunk device scan]
+                              [--repeats N] [--variants host chunk device scan] [--set KEY=VALUE ...]
 
 One JSON line per stream: medians over ``--repeats`` interleaved pairs, and the best pair
 of each variant (the least contended: on a shared machine the ratios of the best pairs
@@ -142,8 +142,9 @@ def bare_steps_per_s(spec: str, sets: list[str], repeats: int = 3, inner: int = 
 
 
 def bench_stream(name: str, repeats: int, peak: float | None, peak_rec: float | None,
-                 variants=DEFAULT_VARIANTS) -> dict:
+                 variants=DEFAULT_VARIANTS, sets=()) -> dict:
     spec, extra, (e1, e2) = STREAMS[name]
+    extra = [*extra, *sets]
     base = [f"data.dir={common.DATA_DIR}", *QUIET, *extra]
     rates = {v: [] for v in variants}
     bare = []
@@ -210,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--streams", nargs="+", default=list(STREAMS), choices=list(STREAMS))
     ap.add_argument("--repeats", type=int, default=3, help="differenced pairs per variant (median and best)")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override added to every run (say data.train_limit=256 for a shorter row)")
     args = ap.parse_args(argv)
     import jax
 
@@ -220,7 +223,7 @@ def main(argv=None) -> int:
     peak = common.peak_gflops()
     for name in args.streams:
         load0 = open("/proc/loadavg").read().split()[0]
-        rec = bench_stream(name, args.repeats, peak, recorded_peak(), tuple(args.variants))
+        rec = bench_stream(name, args.repeats, peak, recorded_peak(), tuple(args.variants), args.set)
         rec["load_1min"] = [float(load0), float(open("/proc/loadavg").read().split()[0])]
         common.emit(rec)
     shutil.rmtree(cache, ignore_errors=True)
