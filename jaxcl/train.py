@@ -16,7 +16,8 @@ host. Both paths draw the same samples in the same order (see :mod:`jaxcl.data.f
 Seeds: ``config.seeds`` (``jaxcl run --seeds 0 1 2``) trains every seed in one program:
 the State gets a leading run axis and every compiled function is ``vmap``-ed over it.
 Each seed writes ``seed_<k>/`` with a single run's files; ``summary.json`` holds the
-mean and standard deviation over seeds.
+mean and standard deviation over seeds. ``mesh.runs`` splits that run axis over groups
+of devices, each group running the vmap over its own runs (:meth:`Setup.per_group`).
 
 A non-finite loss stops the run with :class:`NonFiniteLossError` naming the seed, task,
 phase, epoch and step; the checkpoints written before it are kept, so nothing is lost.
