@@ -25,6 +25,16 @@ stream's images.
 
     python benchmarks/seeds.py [--workloads ewc packnet resnet] [--seeds 8] [--set KEY=VALUE ...]
     python benchmarks/seeds.py --memory
+
+``--runs-axis`` (issue 22): 8 seeds in one program on one device against the same
+program with ``mesh.runs=2`` on 2 virtual CPU devices (4 seeds per device, no
+communication), for the EWC MLP, the PackNet MLP and a reduced ResNet-18 on
+split_cifar10. Both variants run side by side in one child process started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=2`` (the one-device variant sets
+``mesh.data=1``); figures: wall and train-time ratios (runs axis / one device), the
+largest per-seed difference of the accuracy matrices, the state bytes per device.
+
+    python benchmarks/seeds.py --runs-axis [--runs-workloads ewc packnet resnet] [--seeds 8]
 """
 from __future__ import annotations
 
@@ -52,6 +62,11 @@ WORKLOADS = {
 }
 DEFAULT_WORKLOADS = ("ewc", "packnet")
 MEMORY = ("split_cifar10:method=finetune", ["loop.steps_per_call=8"])
+RUNS_AXIS = {  # --runs-axis: the MLP workloads above and a small conv one
+    **WORKLOADS,
+    "resnet": ("split_cifar10:method=finetune", ["data.train_limit=1000", "data.test_limit=200", "num_tasks=2",
+                                                 "epochs=1", "eval_batch_size=200"]),
+}
 
 
 def bench_workload(name: str, n_seeds: int, sets=()) -> dict:
@@ -150,6 +165,50 @@ def bench_memory() -> dict:
     return out
 
 
+def runs_axis_child(name: str, n_seeds: int) -> dict:
+    """Both layouts of one workload in this process (2 virtual devices)."""
+    import jax
+
+    spec, extra = RUNS_AXIS[name]
+    base = [f"data.dir={common.DATA_DIR}", *QUIET, *extra, f"seeds={tuple(range(n_seeds))}"]
+    load = [float(open("/proc/loadavg").read().split()[0])]
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="jaxcl_runs_") as tmp:
+        for variant, mesh in (("one_device", ["mesh.runs=1", "mesh.data=1"]), ("runs2", ["mesh.runs=2", "mesh.data=1"])):
+            out[variant] = common.run_config(spec, [*base, *mesh], Path(tmp) / variant, echo=lambda s: None)
+    load.append(float(open("/proc/loadavg").read().split()[0]))
+    one, two = out["one_device"], out["runs2"]
+    m1 = {r["seed"]: np.asarray(r["accuracy_matrix"]) for r in one["runs"]}
+    m2 = {r["seed"]: np.asarray(r["accuracy_matrix"]) for r in two["runs"]}
+    return {
+        "workload": f"runs_axis_{name}",
+        "command": f"jaxcl run {spec} --set " + " --set ".join(extra) + f" --seeds 0..{n_seeds - 1} "
+                   "--set mesh.runs=2 (vs mesh.runs=1 mesh.data=1)",
+        "devices_visible": jax.device_count(),
+        "mesh": {"one_device": one["devices"]["mesh"], "runs2": two["devices"]["mesh"]},
+        "steps_per_call": [one["steps_per_call"], two["steps_per_call"]],
+        "wall_s": [round(one["wall_s"], 2), round(two["wall_s"], 2)],
+        "wall_ratio": round(two["wall_s"] / one["wall_s"], 3),
+        "train_s": [round(one["train_s"], 2), round(two["train_s"], 2)],
+        "train_s_ratio": round(two["train_s"] / one["train_s"], 3),
+        "state_bytes_per_device": [one["state_bytes"]["per_device_max"], two["state_bytes"]["per_device_max"]],
+        "max_abs_diff_per_seed": {s: float(np.max(np.abs(m1[s] - m2[s]))) for s in m1},
+        "identical_matrices": all(np.array_equal(m1[s], m2[s]) for s in m1),
+        "load_1min": load,
+    }
+
+
+def bench_runs_axis(name: str, n_seeds: int) -> dict:
+    import os
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, __file__, "--runs-axis-child", name, "--seeds", str(n_seeds)],
+                       capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        return {"workload": f"runs_axis_{name}", "error": p.stderr[-2000:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS), choices=list(WORKLOADS))
@@ -157,7 +216,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--memory", action="store_true", help="peak memory of split_cifar10, 1 and 8 seeds")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    ap.add_argument("--runs-axis", action="store_true", help="one device vs mesh.runs=2 on 2 virtual devices")
+    ap.add_argument("--runs-workloads", nargs="+", default=list(RUNS_AXIS), choices=list(RUNS_AXIS))
+    ap.add_argument("--runs-axis-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.runs_axis_child:
+        print(json.dumps(runs_axis_child(args.runs_axis_child, args.seeds)), flush=True)
+        return 0
+    if args.runs_axis:
+        for name in args.runs_workloads:
+            common.emit(bench_runs_axis(name, args.seeds))
+        return 0
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child)), flush=True)
         return 0

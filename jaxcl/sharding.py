@@ -74,6 +74,24 @@ def make_mesh(data: int = -1, fsdp: int = 1, runs: int = 1) -> Mesh:
     return Mesh(np.asarray(devices[:n]).reshape(runs, data, fsdp), MESH_AXES)
 
 
+def process_block(mesh: Mesh, n_runs: int) -> tuple[range, tuple[int, int, int]]:
+    """What this process holds of a ``[runs, ..., batch, ...]`` item: (its runs, (lo,
+    hi, of): the rows ``lo*B/of .. hi*B/of`` of each batch). Its devices must form one
+    block of whole run groups x consecutive positions inside a group (true of the
+    runs-major layout of :func:`make_mesh` when processes own consecutive devices)."""
+    k, D, F = mesh.devices.shape
+    me = jax.process_index()
+    pos = [(g, d * F + f) for (g, d, f), dev in np.ndenumerate(mesh.devices) if dev.process_index == me]
+    groups, rows = sorted({g for g, _ in pos}), sorted({j for _, j in pos})
+    block = {(g, j) for g in groups for j in rows}
+    if (set(pos) != block or groups != list(range(groups[0], groups[-1] + 1))
+            or rows != list(range(rows[0], rows[-1] + 1))):
+        raise ShardingError(f"mesh: the devices of process {me} are not one block of run groups x rows of the "
+                            f"({k}, {D}, {F}) mesh; give every process the same number of devices")
+    per = n_runs // k
+    return range(groups[0] * per, (groups[-1] + 1) * per), (rows[0], rows[-1] + 1, D * F)
+
+
 def group_size(mesh: Mesh) -> int:
     """Devices in one run group (``data x fsdp``): a batch is split over them."""
     return int(mesh.shape["data"] * mesh.shape["fsdp"])
@@ -211,19 +229,21 @@ def _put_one(a, sh):
     return jax.make_array_from_callback(a.shape, sh, lambda idx: a[idx])
 
 
-def put_local(tree, shardings, batch_axis: int):
-    """Items holding this process's rows of every batch -> global arrays: leaves split
-    along the batch axis are assembled from every process's rows, the others are the
-    same on every process."""
+def put_local(tree, shardings, batch_axis: int | None = None):
+    """Items holding this process's block of every array (its rows of each batch, of its
+    runs) -> global arrays: every split leaf is assembled from every process's block
+    (``jax.make_array_from_process_local_data`` infers the global shape from the
+    sharding), the replicated ones are the same on every process. ``batch_axis`` is
+    kept for callers; the sharding says which axes are split."""
     def one(a, sh):
         if jax.process_count() == 1:
             return jax.device_put(a, sh)
-        if np.ndim(a) > batch_axis and sh.spec != P():
-            shape = list(np.shape(a))
-            shape[batch_axis] *= jax.process_count()
-            return jax.make_array_from_process_local_data(sh, np.asarray(a), tuple(shape))
+        if not sh.is_fully_replicated:
+            return jax.make_array_from_process_local_data(sh, np.asarray(a))
         return _put_one(a, sh)
 
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree_util.tree_map(lambda a: one(a, shardings), tree)
     return jax.tree_util.tree_map(one, tree, shardings)
 
 

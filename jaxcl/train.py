@@ -16,7 +16,8 @@ host. Both paths draw the same samples in the same order (see :mod:`jaxcl.data.f
 Seeds: ``config.seeds`` (``jaxcl run --seeds 0 1 2``) trains every seed in one program:
 the State gets a leading run axis and every compiled function is ``vmap``-ed over it.
 Each seed writes ``seed_<k>/`` with a single run's files; ``summary.json`` holds the
-mean and standard deviation over seeds.
+mean and standard deviation over seeds. ``mesh.runs`` splits that run axis over groups
+of devices, each group running the vmap over its own runs (:meth:`Setup.per_group`).
 
 A non-finite loss stops the run with :class:`NonFiniteLossError` naming the seed, task,
 phase, epoch and step; the checkpoints written before it are kept, so nothing is lost.
@@ -435,6 +436,7 @@ def setup(config) -> Setup:
         raise data.DataError(f"batch_size={config.batch_size} is larger than the smallest task's "
                              f"{smallest} training samples; lower batch_size")
     feed = pipeline_lib.make(config, streams, run_stream)
+    feed.place(*sharding.process_block(mesh, len(runs)))  # this process's runs and rows of every item
     S = Setup(config, seeds, [st for st, _ in runs], multi, streams, run_stream, info, model, method, mesh,
               optim.make(base.optimizer), feed, 1, {}, {}, run_configs)
     if S.R > 1:  # the swept values the program computes with (the learning rate is set per epoch instead)
@@ -442,9 +444,10 @@ def setup(config) -> Setup:
     S.chunk, S.run_axis = _loop_kinds(S)
     S.steps_per_call = config_lib.steps_per_call(config) or _auto_steps_per_call(S)
     # a resident copy per run (seed-dependent streams) is split along `runs` with the runs
+    # (each process holds its runs' copies only)
     src_sharding = sharding.runs_sharding(mesh, int(feed.per_run))
-    S.src = {split: sharding.put(feed.src(split), src_sharding) for split in ("train", "test")
-             if feed.src(split) is not None}
+    S.src = {split: (sharding.put_local if feed.per_run else sharding.put)(feed.src(split), src_sharding)
+             for split in ("train", "test") if feed.src(split) is not None}
     feed.drop_host_copies()  # the resident arrays now live on the device
     if S.hp:
         _check_sweep(S)
@@ -479,7 +482,7 @@ def _compile(S: Setup) -> None:
                                          donate_argnums=0, out_shardings=st)
     S.fns["reset_opt"] = S.jit(lambda m, tx: tx.init, (0,), out_shardings=st.opt_state)
     S.fns["set_lr"] = jax.jit(lambda state, lr: state.replace(opt_state=optim.with_lr(state.opt_state, lr)),
-                              donate_argnums=0, out_shardings=st, in_shardings=(st, per_run))
+                              donate_argnums=0, out_shardings=st)
 
 
 def _check_sweep(S: Setup) -> None:
@@ -489,10 +492,11 @@ def _check_sweep(S: Setup) -> None:
     xs = S.feed.train_items(S.pool_tasks(0), [np.arange(S.config.batch_size)] * S.R, range(1), S.config.batch_size, 1)
     xs = _run_slice(S, xs, 0)
     src = S.src.get("train")
-    src = _run_slice(S, src, 0) if (src is not None and S.feed.per_run) else src
+    if src is not None and S.feed.per_run:  # one run's copy, as shapes (another process may hold it)
+        src = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), src)
     phases = S.method.phases(0)
     for key in S.hp:
-        def probe(v):
+        def probe(v, src):
             m, tx = _built(S, {key: v})
             state = m.init(jax.random.PRNGKey(0), sample)
             state = m.begin_task(state.replace(opt_state=tx.init(state.params)), jnp.int32(0))
@@ -503,7 +507,7 @@ def _check_sweep(S: Setup) -> None:
             return m.predict(state, sample, jnp.int32(0))
 
         try:
-            jax.eval_shape(probe, jnp.float32(1.0))
+            jax.eval_shape(probe, jnp.float32(1.0), src)
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
                 jax.errors.TracerIntegerConversionError, jax.errors.TracerArrayConversionError) as e:
             raise config_lib.ConfigError(
@@ -775,11 +779,12 @@ def train_task(S: Setup, state, t: int, pos: Position, record: dict, hooks) -> S
 # ----------------------------------------------------------------------------- results
 
 
-def run_results(S: Setup, state, r: int, run_record: dict, record: dict) -> dict:
-    """The results of run ``r`` (``results.json``): a single run's contract."""
+def run_results(S: Setup, state, r: int, run_record: dict, record: dict, one=None) -> dict:
+    """The results of run ``r`` (``results.json``): a single run's contract. ``one``:
+    run ``r``'s state on the host, when the caller has it (else it is fetched)."""
     cfg = S.config
     stream = S.streams[S.run_stream[r]]
-    one = distributed.fetch(_run_slice(S, state, r))
+    one = distributed.fetch(_run_slice(S, state, r)) if one is None else one
     R = run_record["accuracy_matrix"]
     steps = int(one.step)
     return {
@@ -1055,12 +1060,41 @@ def _after_failure(workdir: Path, created: bool, started: bool, e: BaseException
         + ("its checkpoints are kept: continue with --resume (see the error above for which one)\n" if kept else ""))
 
 
+def _all_run_results(S: Setup, state, record: dict) -> list[dict]:
+    """Every run's results, on every process. When each process holds whole runs (its
+    run groups lie in it: ``mesh.runs`` over processes), each makes the results of its
+    own runs from its own shards and the small results are exchanged, not the states."""
+    lo, hi, of = S.feed.rows_of or (0, 1, 1)
+    if jax.process_count() == 1 or S.R == 1 or (lo, hi) != (0, of) or len(S.feed.local_runs) == S.R:
+        return [run_results(S, state, r, record["runs"][r], record) for r in range(S.R)]
+    mine = [(r, run_results(S, state, r, record["runs"][r], record, one=_local_run(state, r)))
+            for r in S.feed.local_runs]
+    out = dict(pair for part in distributed.allgather_json(mine) for pair in part)
+    return [out[r] for r in range(S.R)]
+
+
+def _local_run(state, r: int):
+    """Run ``r``'s slice of ``state`` (leading run axis) from this process's own shards."""
+    def one(a):
+        out = None
+        for sh in a.addressable_shards:
+            first = sh.index[0] if sh.index else slice(None)
+            start, stop = first.start or 0, a.shape[0] if first.stop is None else first.stop
+            if start <= r < stop:
+                out = np.empty(a.shape[1:], a.dtype) if out is None else out
+                out[tuple(sh.index[1:])] = np.asarray(sh.data)[r - start]
+        return out
+
+    return jax.tree_util.tree_map(one, state)
+
+
 def _write_results(S: Setup, state, record: dict, workdir: Path, run_dirs: list, writers) -> dict:
     cfg = S.config
     title = f"{cfg.benchmark} / {cfg.method.name} ({cfg.scenario}-incremental)"
     runs = []
+    every = _all_run_results(S, state, record)
     for r, d in enumerate(run_dirs):
-        res = run_results(S, state, r, record["runs"][r], record)
+        res = every[r]
         runs.append(res)
         if not distributed.is_primary():
             continue

@@ -284,6 +284,112 @@ def test_a_killed_run_split_over_run_groups_resumes_exactly(tmp_path):
     assert r["other_mesh"]["runs"] == 1 and r["other"] == r["full"]  # resumed onto one device: the same results
 
 
+# ----------------------------------------------------------------------------- several processes
+
+# One process of a `launch --local 2` job (argv: out dir, "crash" | "resume", then the
+# launcher's --coordinator ...): er (a resident copy per seed) in full, and ewc that dies
+# at its 4th save ("crash") or resumes ("resume").
+MP_JOB = textwrap.dedent("""
+    import json, sys
+    args = sys.argv[1:]
+    i = args.index("--coordinator")
+    dist = dict(coordinator=args[i + 1], num_processes=int(args[i + 3]), process_id=int(args[i + 5]))
+    from jaxcl import distributed
+    distributed.initialize(**dist, heartbeat_s=10)
+    import jax, numpy as np
+    import jaxcl
+    from jaxcl import config as C, train
+    from jaxcl.checkpoint import Checkpointer
+    FAMILIES, SHORT, EWC = json.loads(%r), %r, %r
+    out, what = args[0], args[1]
+    made = []
+    real_setup = train.setup
+    train.setup = lambda c: made.append(real_setup(c)) or made[-1]
+    me = jax.process_index()
+
+    def emit(**kw):
+        print("RESULT " + json.dumps({"process": me, **kw}), flush=True)
+
+    if what == "crash":
+        c = C.override(jaxcl.get_config("split_digits:method=er"), SHORT + FAMILIES["er"] + ["seeds=(0,1)",
+                                                                                            "mesh.runs=2"])
+        r = jaxcl.run(c, f"{out}/er", echo=lambda s: None)
+        x = made[-1].src["train"]["x"]
+        emit(case="er", matrices=[m["accuracy_matrix"] for m in r["runs"]], devices=r["devices"],
+             local_src=[list(s.data.shape) for s in x.addressable_shards], global_src=list(x.shape),
+             local_runs=list(made[-1].feed.local_runs))
+        real_save, calls = Checkpointer.save, [0]
+
+        def dying_save(self, index, state, meta):
+            calls[0] += 1
+            if calls[0] == 4:
+                sys.exit(3)  # both processes stop at the same save, as after a kill
+            return real_save(self, index, state, meta)
+
+        Checkpointer.save = dying_save
+    c = C.override(jaxcl.get_config("split_digits:method=ewc"), SHORT + EWC + ["mesh.runs=2"])
+    r = jaxcl.run(c, f"{out}/ewc", resume=what == "resume", echo=lambda s: None)
+    emit(case="ewc", matrices=[m["accuracy_matrix"] for m in r["runs"]], devices=r["devices"])
+""")
+EWC_RESUME = ["method.ewc_lambda=100", "seeds=(1,2)", "checkpoint.every_steps=5", "loop.steps_per_call=3",
+              "data.classes_per_task=3", "num_tasks=3"]
+MP_JOB = MP_JOB % (json.dumps(FAMILIES), SHORT, EWC_RESUME)
+
+
+def _launch(tmp, what: str) -> tuple[int, list[dict], str]:
+    script = tmp / "job.py"
+    script.write_text(MP_JOB)
+    logs = tmp / f"logs_{what}"
+    logs.mkdir(exist_ok=True)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               JAXCL_LAUNCH_LOGS=str(logs))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from jaxcl import distributed
+        sys.exit(distributed.launch_local(2, [sys.executable, {str(script)!r}, {str(tmp / 'runs')!r}, {what!r}],
+                                          grace_s=10))
+    """)], env=env, capture_output=True, text=True, timeout=1500)
+    text = proc.stdout + (logs / "process_1.log").read_text()
+    return proc.returncode, [json.loads(x[7:]) for x in text.splitlines() if x.startswith("RESULT ")], text
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mp")
+    code, crashed, text = _launch(tmp, "crash")
+    assert code == 3, text[-3000:]  # the ewc run died at its 4th save in both processes
+    code, resumed, text = _launch(tmp, "resume")
+    assert code == 0, text[-3000:]
+    return tmp, crashed + resumed
+
+
+def _one_process(make_config, tmp_path, name, sets):
+    c = jaxcl.config.override(make_config(f"split_digits:method={name}"), SHORT + sets)
+    return [m["accuracy_matrix"] for m in jaxcl.run(c, tmp_path / name, echo=lambda s: None)["runs"]]
+
+
+def test_two_processes_each_feed_their_own_runs_and_match_one_device(two_processes, make_config, tmp_path):
+    tmp, res = two_processes
+    er = {x["process"]: x for x in res if x["case"] == "er"}
+    assert set(er) == {0, 1}
+    for p, x in er.items():
+        assert x["local_runs"] == [p] and x["global_src"][0] == 2 and x["local_src"][0][0] == 1  # its copy only
+        assert x["devices"]["processes"] == 2 and x["devices"]["mesh"] == {"runs": 2, "data": 1, "fsdp": 1}
+    assert er[0]["matrices"] == er[1]["matrices"]  # every process sees every run's results
+    assert er[0]["matrices"] == _one_process(make_config, tmp_path, "er", FAMILIES["er"] + ["seeds=(0,1)"])
+    for seed in (0, 1):  # process 0 wrote every run's folder, from the small results each process made
+        saved = json.loads((tmp / "runs" / "er" / f"seed_{seed}" / "results.json").read_text())
+        assert saved["accuracy_matrix"] == er[0]["matrices"][seed] and saved["seed"] == seed
+        assert saved["train_steps"] > 0 and saved["params"]["backbone"] > 0
+
+
+def test_two_processes_killed_at_a_save_resume_exactly(two_processes, make_config, tmp_path):
+    _, res = two_processes
+    ewc = [x for x in res if x["case"] == "ewc"]
+    assert {x["process"] for x in ewc} == {0, 1}  # only the resumed job finished ewc
+    assert ewc[0]["matrices"] == _one_process(make_config, tmp_path, "ewc", EWC_RESUME)
+
+
 # ----------------------------------------------------------------------------- refusals and rules
 
 

@@ -18,6 +18,10 @@ samples on both paths:
 Several runs (seeds) trained in one program each have their own orders; when their
 streams differ (a seed-dependent stream: permutations, shuffled classes, subsets) each
 run has its own resident copy, stacked on a leading run axis.
+
+Several processes: each makes only its block of every item (:meth:`Feed.place`): its
+rows of each batch, and, when the mesh's ``runs`` axis spreads the runs over processes,
+only its own runs (and only their resident copies).
 """
 from __future__ import annotations
 
@@ -85,6 +89,8 @@ class Feed:
         self.per_run = len(streams) > 1
         # (this process, processes): each process makes only its own rows of every batch
         self.shard = (jax.process_index(), jax.process_count())
+        self.local_runs = range(self.R)  # the runs this process feeds (see place)
+        self.rows_of = None  # (lo, hi, of): its rows lo*B/of .. hi*B/of of a batch (see place)
         self._pools: dict = {}  # host path: the pool in use per (stream, split, tasks)
         self._src = {}
         if resident:
@@ -115,6 +121,18 @@ class Feed:
         lo, hi = self._range(r, split, tasks)
         return hi - lo
 
+    def place(self, runs: range, rows: tuple[int, int, int]) -> None:
+        """This process feeds only ``runs`` (its run groups' runs) and the rows
+        ``rows[0]*B/rows[2] .. rows[1]*B/rows[2]`` of each batch
+        (:func:`jaxcl.sharding.process_block`); per-run resident copies of other runs
+        are dropped before they reach a device."""
+        if len(runs) < self.R and self.pipeline == "grain":
+            raise DataError(f"data.pipeline=grain: mesh.runs spreads the {self.R} runs over the JAX processes, which "
+                            "the grain pipeline does not feed; use mesh.runs=1 or data.pipeline=memory")
+        self.local_runs, self.rows_of = runs, tuple(rows)
+        if self.per_run and len(runs) < self.R:
+            self._src = {split: {k: v[runs.start:runs.stop] for k, v in a.items()} for split, a in self._src.items()}
+
     def drop_host_copies(self) -> None:
         """Forget the host arrays of the resident stream once they are on the device."""
         self._src = {}
@@ -135,6 +153,11 @@ class Feed:
     def _rows(self, batch_size: int) -> tuple[int, int]:
         """This process's rows ``lo .. hi-1`` of a global batch (a process's devices hold
         a contiguous block of the batch)."""
+        if self.rows_of is not None:
+            lo, hi, n = self.rows_of
+            if batch_size % n:
+                raise DataError(f"batch size {batch_size} does not split over the {n} devices of a run group")
+            return lo * batch_size // n, hi * batch_size // n
         i, n = self.shard
         if batch_size % n:
             raise DataError(f"batch size {batch_size} does not split over {n} JAX processes")
@@ -156,11 +179,11 @@ class Feed:
         """``{"active": [R?, K], "item": [R?, K, ...]}`` for the training slots ``slots``
         (batch ``s`` of run r is ``orders[r][s*B:(s+1)*B]``; a run with fewer batches
         than a slot is inactive there; rows beyond ``len(slots)`` are inactive padding).
-        Items hold this process's rows of each batch only."""
+        Items hold this process's rows of each batch, of its runs only."""
         per_run = []
         lo, hi = self._rows(batch_size)
         rows = hi - lo
-        for r in range(self.R):
+        for r in self.local_runs:
             n_batches = len(orders[r]) // batch_size
             items, active = [], np.zeros(K, bool)
             for k, s in enumerate(slots):
@@ -181,10 +204,11 @@ class Feed:
     def pass_items(self, split: str, tasks, batch_size: int):
         """Items covering every sample of ``tasks`` in ``split`` once, in stored order
         (evaluation, consolidation); per run when the runs' streams differ; this
-        process's rows of each batch only."""
-        runs = range(self.R) if self.per_run else [0]
+        process's rows of each batch (of its runs) only."""
+        runs = self.local_runs if self.per_run else [0]
         sizes = [self.size(r, split, tasks) for r in runs]
-        n_batches = -(-max(sizes) // batch_size)
+        # as many items on every process: each is one call of a program all processes run
+        n_batches = -(-max(self.size(r, split, tasks) for r in range(self.R)) // batch_size)
         lo, hi = self._rows(batch_size)
         for b in range(n_batches):
             per_run = []
