@@ -158,7 +158,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warnings() -> None:
+    """jaxcl's own warnings (an untrained frozen backbone, an unverified checkpoint) as one
+    line on stderr, as its errors are; other libraries' warnings keep Python's form."""
+    import warnings
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("jaxcl"):
+            print(f"jaxcl: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv=None) -> int:
+    _one_line_warnings()
     args, rest = parser().parse_known_args(argv)
     if rest and args.fn is not cmd_launch:
         parser().parse_args(argv)  # the usual message for an unknown option
