@@ -191,7 +191,8 @@ def prompt_method(name: str, config, model, info, *, init_prompts, forward, begi
         logits = forward(state.params, state, x, task, False, None, None)[0]
         return jnp.where(state.extra["seen"], logits, NEG)
 
-    return base.make(name, config, model, init=init, loss=loss, predict=predict, begin_task=begin)
+    return base.make(name, config, model, init=init, loss=loss, predict=predict, begin_task=begin,
+                     frozen_backbone=True)
 
 
 def check_layers(model, key: str, layers) -> tuple:

@@ -141,4 +141,5 @@ def make(config, model, info) -> base.Method:
         return {"ridge": state.extra["ridge"]}
 
     return base.make("ranpac", config, model, init=init, loss=loss, consolidate=consolidate, after_phase=after_phase,
-                     predict=predict, phases=lambda t: (base.Phase("statistics", 0),), report=report)
+                     predict=predict, phases=lambda t: (base.Phase("statistics", 0),), report=report,
+                     frozen_backbone=True)

@@ -72,4 +72,5 @@ def make(config, model, info) -> base.Method:
         return _ptm.task_logits(scores, task, info, offsets)
 
     return base.make("simplecil", config, model, init=init, loss=loss, consolidate=consolidate,
-                     after_phase=after_phase, predict=predict, phases=lambda t: (base.Phase("prototypes", 0),))
+                     after_phase=after_phase, predict=predict, phases=lambda t: (base.Phase("prototypes", 0),),
+                     frozen_backbone=True)
