@@ -172,12 +172,19 @@ def test_every_method_trains_a_vit(make_config, name):
     tr = api.trainer(m, optim.make(c.optimizer))
     state = tr.begin_task(tr.init(jax.random.PRNGKey(0), batch["x"]), 0)
     before = jax.tree_util.tree_map(np.asarray, state.params)  # the step donates its state
+
+    def ce(state):  # the model's own cross-entropy on the batch (NCCL's step loss is its outer objective)
+        logits = tr.predict(state, batch["x"], batch["task"])
+        return float(-jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(batch["y"])), batch["y"]]))
+
+    first = ce(state)
     phase = m.phases(0)[0].name
     losses = []
     for _ in range(8):
         state, met = tr.step(state, batch, 0, phase)
         losses.append(float(met["loss"]))
-    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+    assert np.isfinite(losses).all(), losses
+    assert ce(state) < first, (first, ce(state))
     moved = [bool(jnp.any(a != b)) for a, b in zip(jax.tree_util.tree_leaves(before),
                                                    jax.tree_util.tree_leaves(state.params))]
     assert any(moved)
@@ -188,8 +195,8 @@ def test_every_method_trains_a_vit(make_config, name):
 
 
 def test_seeds_and_a_sweep_in_one_program_resume_to_the_same_results(make_config, tmp_path, crash_at_save):
-    c = make_config("split_digits:method=ewc", num_tasks=2, epochs=1, seeds=(0, 1),
-                    sweep=("optimizer.lr=0.01,0.03",), checkpoint__every_steps=5, **VIT)
+    c = make_config("split_digits:method=finetune", num_tasks=2, epochs=1, seeds=(0, 1),
+                    sweep=("optimizer.lr=0.005,0.01",), checkpoint__every_steps=5, **VIT)
     full = jaxcl.run(c, tmp_path / "full", echo=lambda s: None)
     assert len(full["runs"]) == 4
     Rs = [np.asarray(r["accuracy_matrix"]) for r in full["runs"]]
