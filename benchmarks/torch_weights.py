@@ -1,4 +1,5 @@
-"""torchvision's ImageNet models, random weights, loaded into jaxcl: do the logits agree?
+"""torchvision's ImageNet models and timm's ViTs, random weights, loaded into jaxcl: do the
+logits agree?
 
 The PyTorch half (run in the peers venv, ``../shared/peers/setup.sh``, plus
 ``pip install safetensors`` there) builds torchvision's models with random weights,
@@ -10,6 +11,11 @@ difference; it exits 1 if one is above 1e-4.
 
     python benchmarks/torch_weights.py                        # resnet18 resnet50 vgg16_bn, ~2 min on 2 cores
     python benchmarks/torch_weights.py --models resnet34 vgg16 --batch 4
+    python benchmarks/torch_weights.py --models vit_tiny_patch16_224 vit_base_patch16_224
+
+timm's ViTs (``vit_*``: timm.create_model with random weights, randomised at the scale of
+trained ones by tests/fixtures/make_vit_fixture.py's ``randomise``) load into jaxcl's
+``vit_ti16``/``vit_s16``/``vit_b16``/``vit_l16`` (``TIMM_VITS``).
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 TOLERANCE = 1e-4
+TIMM_VITS = {"vit_tiny_patch16_224": "vit_ti16", "vit_small_patch16_224": "vit_s16",
+             "vit_base_patch16_224": "vit_b16", "vit_large_patch16_224": "vit_l16"}
 
 
 def torch_half(names, batch, out: Path) -> None:
@@ -35,6 +43,16 @@ def torch_half(names, batch, out: Path) -> None:
 
     for name in names:
         torch.manual_seed(0)
+        if name in TIMM_VITS:
+            import timm
+            from make_vit_fixture import randomise as randomise_vit
+            model = randomise_vit(timm.create_model(name, pretrained=False))
+            x = torch.randn(batch, 3, 224, 224)
+            with torch.no_grad():
+                logits = model(x)
+            safetensors.torch.save_file(model.state_dict(), out / f"{name}.safetensors")
+            safetensors.torch.save_file({"x": x, "logits": logits}, out / f"{name}.reference.safetensors")
+            continue
         model = getattr(torchvision.models, name)(weights=None)
         for m in model.modules():
             if isinstance(m, torch.nn.Linear):
@@ -59,7 +77,7 @@ def jax_half(names, out: Path) -> bool:
     for name in names:
         ref = load_file(out / f"{name}.reference.safetensors")
         x = ref["x"].transpose(0, 2, 3, 1)
-        model = models._MODELS[name](num_outputs=1000)
+        model = models._MODELS[TIMM_VITS.get(name, name)](num_outputs=1000)
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)  # no random init of 138M weights
         t0 = time.perf_counter()
         params, state, n_params, n_stats = torch_weights.load_pretrained(

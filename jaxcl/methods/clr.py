@@ -23,6 +23,9 @@ gyhandy/Channel-wise-Lightweight-Reprogramming, ``network/``):
 * ``head``: no reprogramming and the backbone's batch norm frozen: a per-task linear
   head on the frozen backbone (the linear-probe / SGD-LL baseline of the paper).
 
+CLR is defined on conv feature maps; a Vision Transformer (``vit_*``) has none but its
+patch embedding, so CLR refuses it by name (``ConfigError``) rather than guess a ViT form.
+
 ``method.task_bn=False`` keeps the backbone's batch norm shared and frozen (inference
 mode) instead of per task: the setting of the PyTorch speed peer (W3).
 
@@ -45,6 +48,7 @@ import jax.numpy as jnp
 
 from jaxcl.methods import _intercept, base
 from jaxcl.models import layers
+from jaxcl.models.vit import ViT
 
 VARIANTS = ("reduced", "full", "reduced_v2", "head")
 
@@ -106,7 +110,17 @@ def _safe_norm(x):
     return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
 
 
+def refuse_vit(name: str) -> None:
+    raise base.ConfigError(f"model.name={name}: CLR reprograms the feature maps of convolutions (a depthwise "
+                           "conv after each); a Vision Transformer has none, so CLR does not run on it. For a "
+                           "frozen ViT use sgd_ll (a linear probe) or a prompt method")
+
+
 def validate(config) -> None:
+    from jaxcl import models
+
+    if config.model.name in models.VITS:
+        refuse_vit(config.model.name)
     base.check_choice(config.method, "variant", VARIANTS)
     base.check_range(config.method, "l2", 0)
     if config.scenario != "task":
@@ -121,6 +135,8 @@ def make(config, model, info) -> base.Method:
         raise ValueError("CLR is task-incremental: it needs one head per task (scenario=task)")
     num_tasks, lam = info.num_tasks, config.method.l2
     task_bn = config.method.task_bn and variant != "head"
+    if isinstance(model, ViT):
+        refuse_vit(config.model.name)
     plain = _intercept.is_plain(model, ("conv", "norm"))
     shapes = _intercept.collections(model, jnp.zeros((1,) + tuple(info.input_shape)))
     if plain:  # flax.linen Conv layers, reprogrammed through interception

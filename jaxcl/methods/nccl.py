@@ -12,6 +12,9 @@ collection ``calib`` (the base weights theta stay in ``params``):
   uncalibrated outputs, ``h = lambda * F(x) + F(x)`` (``=add``); batch norm and the
   activation follow. At the initial values the calibrated model is the plain model.
 
+On a Vision Transformer every dense layer is calibrated (the patch embedding, qkv, the
+attention projection, the MLP's two), LayerNorms are not.
+
 Training is online (one pass, small batches) with a replay memory (``method.memory``:
 ``reservoir`` over everything seen, or ``ring``: ``memory_size`` slots per task, sampling
 the earlier tasks, as the reference's per-task memory), storing inputs, labels, task ids

@@ -26,6 +26,10 @@ As the reference code (arunmallya/packnet, ``src/prune.py``) does it:
   later tasks' phases are named ``train-frozen-bn``/``retrain-frozen-bn``). With
   ``method.task_norm``, every task has its own batch-norm affine parameters and
   statistics instead (a :class:`~jaxcl.models.layers.TaskNorm` in every unit).
+* On a Vision Transformer the prunable kernels are every dense layer's: the patch
+  embedding (a dense layer on flattened patches), qkv, the attention projection and the
+  MLP's two; LayerNorms, biases, the cls token and the position embedding follow the
+  bias rule (first task only); ``task_norm`` is refused (a ViT has no batch norm).
 * Inference for task t applies t's mask and head; a batch mixing tasks is served in one
   compiled call (one masked forward per task present in the batch).
 

@@ -31,6 +31,12 @@ one network of the original size. Over a stream:
 
   so the merged network computes exactly the combined one (inference mode); without
   batch norm (dense layers), W = (1 + a_s) W_s + a_t W_t and b alike.
+* Vision Transformers (:mod:`jaxcl.models.vit`): every dense layer (the patch embedding,
+  qkv, the attention projection, the MLP's two) is combined at its output, and so is every
+  LayerNorm: both branches normalise the same input, so only the affine maps differ,
+  ``(1 + a_s)(xhat g_s + b_s) + a_t (xhat g_t + b_t)``, and the merge writes
+  ``g = (1 + a_s) g_s + a_t g_t`` and ``b`` alike (exact). The cls token and the position
+  embedding are trained on the first task and frozen after.
 
 Default ``a_s = a_t = 0`` (``method.a_init``): stage 2 starts from the source network
 itself, so nothing of the old tasks is lost before learning starts, and the L1 decay
@@ -53,6 +59,7 @@ import jax.numpy as jnp
 
 from jaxcl.methods import _intercept, base
 from jaxcl.models import layers
+from jaxcl.models.vit import normalise
 
 MODES = ("source", "target", "combined")
 TEMPERATURE = 2.0
@@ -127,6 +134,28 @@ class ResCLDense(nn.Module):
         return _combine(self, branch, False, self.features)
 
 
+class ResCLLayerNorm(nn.Module):
+    """A LayerNorm (:class:`jaxcl.models.vit.LayerNorm`) with a source (``scale``,
+    ``bias``) and a target affine (``target_scale``, ``target_bias``) and their combination."""
+
+    epsilon: float = 1e-6
+    dtype: str = "float32"
+    mode: str = "source"
+    a_init: tuple = (0.0, 0.0)
+
+    @nn.compact
+    def __call__(self, x, task=None):
+        d = x.shape[-1]
+        xhat = normalise(x, self.epsilon)
+
+        def branch(prefix, bn_train):
+            scale = self.param(prefix + "scale", nn.initializers.ones, (d,))
+            bias = self.param(prefix + "bias", nn.initializers.zeros, (d,))
+            return xhat * scale + bias
+
+        return _combine(self, branch, False, d).astype(layers._dtype(self.dtype))
+
+
 def _combine(module, branch, train, features):
     a_s = module.variable("rescl", "a_s", lambda: jnp.full((features,), module.a_init[0], jnp.float32))
     a_t = module.variable("rescl", "a_t", lambda: jnp.full((features,), module.a_init[1], jnp.float32))
@@ -161,7 +190,7 @@ def combination_hook(mode: str, a_init):
 
 
 def _clone(model, mode: str, a_init):
-    if _intercept.is_plain(model, ("unit", "dense", "norm_unit")):
+    if _intercept.is_plain(model, ("unit", "dense", "norm_unit", "layer_norm")):
         return _intercept.Intercepted(model, combination_hook(mode, a_init))
     kw = {}
     if hasattr(model, "unit"):
@@ -170,6 +199,8 @@ def _clone(model, mode: str, a_init):
         kw["dense"] = functools.partial(ResCLDense, mode=mode, a_init=a_init)
     if hasattr(model, "norm_unit"):
         kw["norm_unit"] = functools.partial(ResCLNorm, mode=mode, a_init=a_init)
+    if hasattr(model, "layer_norm"):
+        kw["layer_norm"] = functools.partial(ResCLLayerNorm, mode=mode, a_init=a_init)
     if not kw:
         raise ValueError(f"ResCL needs a model built of units or dense layers; {type(model).__name__} has neither")
     return model.clone(**kw)
@@ -340,6 +371,9 @@ def make(config, model, info) -> base.Method:
                 node_p["norm"]["bn"]["bias"] = ((1 + a_s) * (ns["bias"] - ss["mean"] * scale_s)
                                                 + a_t * (nt["bias"] - stt["mean"] * scale_t))
                 node_s["norm"]["bn"]["mean"] = jnp.zeros_like(ss["mean"])
+            elif "target_scale" in node_p:  # a LayerNorm: two affine maps of the same xhat make one
+                node_p["scale"] = (1 + a_s) * node_p["scale"] + a_t * node_p["target_scale"]
+                node_p["bias"] = (1 + a_s) * node_p["bias"] + a_t * node_p["target_bias"]
             elif "target_kernel" in node_p or _intercept.TARGET in node_p:  # a dense layer, or a plain flax one
                 target = node_p.get(_intercept.TARGET, {"kernel": node_p.get("target_kernel"),
                                                         "bias": node_p.get("target_bias")})
