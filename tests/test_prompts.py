@@ -251,7 +251,7 @@ def test_paper_config_runs_on_mock_tfds(config, name, tmp_path):
 
     c = config_lib.override(jaxcl.get_config(f"{config}:runlocal=1,method={name}"),
                             QUIET + ["data.grain_workers=0", "num_tasks=2"])
-    with tfds.testing.mock_data(num_examples=600):
+    with tfds.testing.mock_data(num_examples=1500):  # imagenet_r: 1500 x 0.8 x 200/1000 classes in 10 tasks
         r = jaxcl.run(c, tmp_path, echo=lambda s: None)
     assert r["data_path"] == "grain" and np.asarray(r["accuracy_matrix"]).shape == (2, 2)
     assert r["config"]["model"]["name"] == "vit_cifar" and r["config"]["data"]["image_size"] == 32
