@@ -548,7 +548,7 @@ def _make_init(S: Setup):
 
 
 def _init_fn(S: Setup):
-    return jax.jit(S.lift(_make_init(S), (0,)), out_shardings=S.state_sharding)
+    return S.jit(_make_init(S), (0,), out_shardings=S.state_sharding)
 
 
 def _keys(S: Setup) -> jax.Array:
