@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "mlp"  # see `jaxcl list`
     c.model.hidden = (400, 400)  # mlp
     c.model.activation = "relu"  # mlp: relu | tanh
-    c.model.dropout = 0.0  # mlp
+    c.model.dropout = 0.0  # mlp and the ViTs (attention, MLP and residual dropout)
     c.model.width = 0  # resnets and cnn: base width (0: the model's own default)
     c.model.init = "torch"  # torch (PyTorch module defaults) | flax
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
