@@ -327,12 +327,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(isinstance(c.seed, int) and c.seed >= 0, f"seed: must be an integer >= 0, got {c.seed!r}")
     dup = sorted({s for s in seeds if seeds.count(s) > 1})
     need(not dup, f"seeds: {dup} given more than once")
-    _validate_sweep(c, sweep_settings(c))
     n_runs = len(sweep_settings(c)) * len(run_seeds(c))
     need(isinstance(c.mesh.runs, int) and c.mesh.runs >= 1, f"mesh.runs: must be an integer >= 1, got {c.mesh.runs!r}")
     need(n_runs % c.mesh.runs == 0,
          f"mesh.runs={c.mesh.runs} does not divide the {n_runs} runs (seeds x sweep settings); "
          f"use a divisor of {n_runs}")
+    _validate_sweep(c, sweep_settings(c))
     need(c.mesh.fsdp >= 1, f"mesh.fsdp: must be >= 1, got {c.mesh.fsdp}")
     need(c.mesh.data == -1 or c.mesh.data >= 1, f"mesh.data: must be -1 (all devices) or >= 1, got {c.mesh.data}")
     method_module(c.method.name).validate(c)
@@ -356,7 +356,8 @@ def _validate_sweep(c: ml_collections.ConfigDict, settings: list[dict]) -> None:
 
 def _validate_setting(c: ml_collections.ConfigDict, setting: dict, where: str) -> None:
     try:
-        validate(override(c, ["sweep=()"] + [f"{k}={v!r}" for k, v in setting.items()]))
+        # one setting alone: the grid's layout (mesh.runs over all its runs) was checked above
+        validate(override(c, ["sweep=()", "mesh.runs=1"] + [f"{k}={v!r}" for k, v in setting.items()]))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
