@@ -107,7 +107,7 @@ def make(config, model, info) -> base.Method:
     def forward(params, state, x, task, train, rng, mask):
         p = params[_ptm.PROMPT]
         start, stop = task * per_task, (task + 1) * per_task
-        active = comps < stop
+        active = comps[None, :] < jnp.reshape(stop, (-1, 1))  # [1 or B, pool]: a task per sample too
         if train:  # the earlier tasks' components get no gradient (the code's detach)
             old = (comps < start)
             p = {k: jnp.where(old.reshape((1, pool) + (1,) * (v.ndim - 2)), jax.lax.stop_gradient(v), v)
@@ -115,7 +115,7 @@ def make(config, model, info) -> base.Method:
         q = _ptm.frozen_features(model, params, x)  # [B, D]
         aq = q[None, :, None, :] * p["a"][:, None]  # [layers, B, pool, D]
         alpha = jnp.einsum("lbkd,lkd->lbk", _ptm.l2_normalize(aq), _ptm.l2_normalize(p["k"]))
-        alpha = jnp.where(active, alpha, 0.0)
+        alpha = jnp.where(active[None], alpha, 0.0)
         prompt = jnp.einsum("lbk,lkpd->lbpd", alpha, p["p"])  # [layers, B, length, D]
         half = length // 2
         prefixes = [None] * model.depth
@@ -125,7 +125,7 @@ def make(config, model, info) -> base.Method:
         logits = _ptm.classify(model, params, feat, task)
         if mask is None:
             return logits, 0.0, {}
-        pen = sum(ortho_penalty(p[k][i].reshape(pool, -1), active) for i in range(len(layers)) for k in ("k", "a", "p"))
+        pen = sum(ortho_penalty(p[k][i].reshape(pool, -1), active[0]) for i in range(len(layers)) for k in ("k", "a", "p"))
         return logits, mu * pen, {"ortho": pen}
 
     return _ptm.prompt_method("coda_prompt", config, model, info, init_prompts=init_prompts, forward=forward,
