@@ -11,9 +11,15 @@ from jaxcl import methods, train
 
 @pytest.mark.parametrize("name", methods.available())
 def test_the_scanned_and_the_seed_vmapped_train_calls_export_for_cuda_and_tpu(make_config, name):
-    sets = {"data__classes_per_task": 2}
+    # the chunk and run axis that loop.chunk/run_axis=auto pick on GPU and TPU (on CPU a conv
+    # step is unrolled and runs mapped: tests/test_cpu_loop.py)
+    sets = {"data__classes_per_task": 2, "loop__chunk": "scan", "loop__run_axis": "vmap"}
     if name in ("clr", "sgd_ll"):
         sets["model__name"] = "cnn"  # a conv trunk to reprogram
+    if name in ("l2p", "dualprompt", "coda_prompt", "simplecil", "ranpac"):  # a ViT's token interface
+        sets.update(model__name="vit_cifar", model__width=32)
+        sets.update({"coda_prompt": {"method__layers": "(0, 1, 2, 3)"},
+                     "dualprompt": {"method__e_layers": "(2, 3)"}}.get(name, {}))
     for seeds in ("()", "(0, 1)"):
         S = train.setup(make_config(f"split_digits:method={name}", seeds=seeds, loop__steps_per_call=2,
                                     data__on_device="true", **sets))
