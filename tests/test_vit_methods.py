@@ -228,7 +228,7 @@ def test_fsdp_splits_a_vit_state_and_gives_the_same_results(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT")][-1][len("RESULT"):])
     one, fsdp = out["1"], out["3"]
-    assert fsdp["mesh"] == {"data": 1, "fsdp": 2}
+    assert fsdp["mesh"] == {"runs": 1, "data": 1, "fsdp": 2}
     np.testing.assert_allclose(np.asarray(one["R"]), np.asarray(fsdp["R"]), atol=1.5 / 72)  # at most a sample
     b = fsdp["bytes"]
     assert b["per_device_max"] < 0.6 * b["total"], b  # the dense kernels, their moments and EWC's trees split
