@@ -290,6 +290,27 @@ def load(name: str, source: str = "auto", directory: str = "", *, label_key: str
 def load_digits(num_classes: int = 0, image_size: int = 0, lazy: bool = False) -> Dataset:
     """scikit-learn's 8x8 digits, pixels 0..16 scaled to 0..255, a fixed stratified
     80/20 split (the same on every machine)."""
+    x_tr, y_tr, x_te, y_te = _digits_split()
+    if lazy:
+        shape = _lazy_shape("digits", x.shape[1:], image_size)
+        x_tr, x_te = (LazyImages(ArrayReader(a, image_size), np.arange(len(a)), shape) for a in (x_tr, x_te))
+    else:
+        x_tr, x_te = _resize_all(x_tr, image_size), _resize_all(x_te, image_size)
+    return checked("digits", x_tr, y_tr, x_te, y_te, num_classes=num_classes or 10)
+
+
+def _digits_split() -> tuple[np.ndarray, ...]:
+    """The split, made by scikit-learn once and kept in the cache folder: importing
+    scikit-learn costs seconds, which every fresh process (a launched worker, a CLI run)
+    would otherwise pay before its first step."""
+    from importlib import metadata
+
+    cache = _cache_root() / f"digits-sklearn-{metadata.version('scikit-learn')}.npz"
+    try:
+        with np.load(cache) as f:
+            return tuple(f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    except (OSError, KeyError, ValueError):
+        pass  # not made yet (or unreadable): make it
     from sklearn.datasets import load_digits as _load
     from sklearn.model_selection import train_test_split
 
@@ -297,12 +318,16 @@ def load_digits(num_classes: int = 0, image_size: int = 0, lazy: bool = False) -
     x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     y = d.target.astype(np.int32)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    if lazy:
-        shape = _lazy_shape("digits", x.shape[1:], image_size)
-        x_tr, x_te = (LazyImages(ArrayReader(a, image_size), np.arange(len(a)), shape) for a in (x_tr, x_te))
-    else:
-        x_tr, x_te = _resize_all(x_tr, image_size), _resize_all(x_te, image_size)
-    return checked("digits", x_tr, y_tr, x_te, y_te, num_classes=num_classes or 10)
+    tmp = cache.with_name(f"{cache.stem}.tmp{os.getpid()}.npz")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only cache: not an error
+    finally:
+        tmp.unlink(missing_ok=True)
+    return x_tr, y_tr, x_te, y_te
 
 
 def _cache_root() -> Path:
