@@ -19,7 +19,8 @@ def test_the_scanned_and_the_seed_vmapped_train_calls_export_for_cuda_and_tpu(ma
     if name in ("l2p", "dualprompt", "coda_prompt", "simplecil", "ranpac"):  # a ViT's token interface
         sets.update(model__name="vit_cifar", model__width=32)
         sets.update({"coda_prompt": {"method__layers": "(0, 1, 2, 3)"},
-                     "dualprompt": {"method__e_layers": "(2, 3)"}}.get(name, {}))
+                     "dualprompt": {"method__e_layers": "(2, 3)"},
+                     "ranpac": {"method__projection": 64}}.get(name, {}))  # not the paper's 10^4 x 10^4 Gram
     for seeds in ("()", "(0, 1)"):
         S = train.setup(make_config(f"split_digits:method={name}", seeds=seeds, loop__steps_per_call=2,
                                     data__on_device="true", **sets))
