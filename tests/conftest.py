@@ -135,6 +135,19 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its own order
 
 
+@pytest.fixture
+def optimized_compiles():
+    """XLA's full optimisation for one test (the session turns most of it off, see
+    pytest_configure): for a bit-for-bit claim across two program structures, which is a
+    claim about the programs users compile."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """``(config, workdir, results)`` of a finished 2-task, 1-epoch finetune run on the

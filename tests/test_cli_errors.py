@@ -18,8 +18,20 @@ QUIET = ["--set", "epochs=1", "--set", "num_tasks=2", "--set", "log.progress=fal
 
 
 def jaxcl_cli(*args, env=None, timeout=600):
+    """The command line in its own process (where the process is what is tested)."""
     return subprocess.run([sys.executable, "-m", "jaxcl.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def cli_here(capsys, *args):
+    """The command line in this process (``cli.main``, what the ``jaxcl`` entry point
+    calls): its exit code and what it printed, without a new process's imports."""
+    from jaxcl import cli
+
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["jaxcl", *map(str, args)], code, out, err)
 
 
 def _refused(proc, *words):
@@ -37,15 +49,15 @@ def _refused(proc, *words):
     ("optimizer.lr=0.1,-1", ("--sweep optimizer.lr=-1", "optimizer.lr: must be > 0")),
     ("method.ewc_lambda=1,-100", ("--sweep method.ewc_lambda=-100", "method.ewc_lambda: must be >= 0")),
 ])
-def test_swept_values_are_checked_like_set_values_before_anything_is_written(tmp_path, sweep, words):
+def test_swept_values_are_checked_like_set_values_before_anything_is_written(tmp_path, capsys, sweep, words):
     wd = tmp_path / "run"
-    _refused(jaxcl_cli("run", "split_digits:method=ewc", "--sweep", sweep, "--workdir", wd, *QUIET), *words)
+    _refused(cli_here(capsys, "run", "split_digits:method=ewc", "--sweep", sweep, "--workdir", wd, *QUIET), *words)
     assert not wd.exists()
 
 
-def test_a_negative_seed_is_refused_naming_seeds(tmp_path):
+def test_a_negative_seed_is_refused_naming_seeds(tmp_path, capsys):
     wd = tmp_path / "run"
-    _refused(jaxcl_cli("run", "split_digits", "--seeds", "-1", "2", "--workdir", wd, *QUIET), "--seeds", "-1")
+    _refused(cli_here(capsys, "run", "split_digits", "--seeds", "-1", "2", "--workdir", wd, *QUIET), "--seeds", "-1")
     assert not wd.exists()
 
 
@@ -62,12 +74,13 @@ def test_a_multi_stream_listing_a_dataset_twice_is_refused(make_config):
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory):
     """A sweep x seeds run and a sweep without seeds, through the command line."""
+    from jaxcl import cli
+
     out = tmp_path_factory.mktemp("sweeps")
     grid, plain = out / "grid", out / "plain"
     for wd, extra in ((grid, ["--seeds", "0", "1"]), (plain, [])):
-        proc = jaxcl_cli("run", "split_digits:method=ewc", "--sweep", "optimizer.lr=0.01,0.05", *extra,
-                         "--workdir", wd, *QUIET)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert cli.main(["run", "split_digits:method=ewc", "--sweep", "optimizer.lr=0.01,0.05", *extra,
+                         "--workdir", str(wd), *QUIET]) == 0
     return grid, plain
 
 
@@ -77,21 +90,21 @@ def _table(proc):
     return head, rows
 
 
-def test_report_lists_every_setting_of_a_sweep(sweeps):
+def test_report_lists_every_setting_of_a_sweep(sweeps, capsys):
     grid, plain = sweeps
     for wd, seeds in ((grid, (0, 1)), (plain, (0,))):
         summary = json.loads((wd / "summary.json").read_text())
-        _, rows = _table(jaxcl_cli("report", wd))
+        _, rows = _table(cli_here(capsys, "report", wd))
         assert [r.split()[0] for r in rows] == [f"{wd}/optimizer.lr=0.01", f"{wd}/optimizer.lr=0.05"]
         for row, setting in zip(rows, summary["settings"]):
             assert setting["seeds"] == list(seeds)
             assert f"{100 * setting['acc']:.2f} +- {100 * setting['acc_std']:.2f}" in row  # mean +- std over seeds
 
 
-def test_report_lists_a_mix_of_single_multi_seed_and_sweep_workdirs(sweeps):
+def test_report_lists_a_mix_of_single_multi_seed_and_sweep_workdirs(sweeps, capsys):
     grid, plain = sweeps
     multi, single = grid / "optimizer.lr=0.01", grid / "optimizer.lr=0.01" / "seed_1"
-    _, rows = _table(jaxcl_cli("report", single, multi, plain))
+    _, rows = _table(cli_here(capsys, "report", single, multi, plain))
     assert [r.split()[0] for r in rows] == [str(single), str(multi), f"{plain}/optimizer.lr=0.01",
                                            f"{plain}/optimizer.lr=0.05"]
     acc = json.loads((single / "results.json").read_text())["acc"]

@@ -69,7 +69,8 @@ def test_a_conv_models_train_call_has_no_convolution_inside_control_flow_on_cpu(
     assert train.setup(make_config("split_digits:method=finetune")).chunk == "scan"
 
 
-def test_the_unrolled_chunk_and_the_run_map_train_on_the_same_numbers_as_scan_and_vmap(make_config, tmp_path):
+def test_the_unrolled_chunk_and_the_run_map_train_on_the_same_numbers_as_scan_and_vmap(make_config, tmp_path,
+                                                                                   optimized_compiles):
     """Two seeds of a conv model, the same K (so the same chunks, padding included): the
     rolled chunk vmapped over the seeds (loop.chunk=scan, loop.run_axis=vmap, which
     test_loop.py checks against single runs) against what auto picks on CPU (unrolled,

@@ -292,7 +292,7 @@ def load_digits(num_classes: int = 0, image_size: int = 0, lazy: bool = False) -
     80/20 split (the same on every machine)."""
     x_tr, y_tr, x_te, y_te = _digits_split()
     if lazy:
-        shape = _lazy_shape("digits", x.shape[1:], image_size)
+        shape = _lazy_shape("digits", x_tr.shape[1:], image_size)
         x_tr, x_te = (LazyImages(ArrayReader(a, image_size), np.arange(len(a)), shape) for a in (x_tr, x_te))
     else:
         x_tr, x_te = _resize_all(x_tr, image_size), _resize_all(x_te, image_size)
