@@ -34,8 +34,7 @@ def _losses(workdir):
 
 
 # the prompt/PTM methods need a pretrained ViT to learn: tests/test_prompts.py pretrains one
-@pytest.mark.parametrize("name", [n for n in methods.available()
-                                  if n not in ("l2p", "dualprompt", "coda_prompt", "simplecil", "ranpac")])
+@pytest.mark.parametrize("name", [n for n in methods.available() if n not in methods.on_a_vit()])
 def test_every_method_trains_two_tasks_on_the_device(make_config, tmp_path, name):
     c = make_config(f"split_digits:method={name}", num_tasks=2, epochs=1, **NEEDS.get(name, {}))
     r = jaxcl.run(c, tmp_path, echo=quiet)

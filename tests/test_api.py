@@ -80,7 +80,7 @@ def test_example_trains_two_methods_on_a_user_model_data_and_loop():
 
 # CLR and SGD-LL need a conv/pretrained trunk; the prompt and pretrained-model methods a ViT
 # (tests/test_prompts.py runs them from jaxcl.method on one)
-NOT_ON_A_PLAIN_MLP = ("clr", "sgd_ll", "l2p", "dualprompt", "coda_prompt", "simplecil", "ranpac")
+NOT_ON_A_PLAIN_MLP = ("clr", "sgd_ll", *methods.on_a_vit())
 
 
 @pytest.mark.parametrize("name", [n for n in methods.available() if n not in NOT_ON_A_PLAIN_MLP])

@@ -19,8 +19,7 @@ def setup(make_config, method, **sets):
 
 NEEDS = {"clr": {"model__name": "cnn", "model__width": 8}}  # settings a method needs to be built at all
 # the prompt and pretrained-model methods run on a ViT's token interface
-NEEDS.update({n: {"model__name": "vit_cifar", "model__width": 32} for n in
-              ("l2p", "dualprompt", "coda_prompt", "simplecil", "ranpac")})
+NEEDS.update({n: {"model__name": "vit_cifar", "model__width": 32} for n in methods.on_a_vit()})
 NEEDS["coda_prompt"]["method__layers"] = "(0, 1, 2, 3)"  # the papers' layers are a 12-block ViT's
 NEEDS["dualprompt"]["method__e_layers"] = "(2, 3)"
 NEEDS["ranpac"]["method__projection"] = 64  # the paper's 10,000: ridge solves of 10^4 x 10^4 (minutes of CPU)

@@ -17,6 +17,12 @@ def available() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_") and m.name != "base")
 
 
+def on_a_vit() -> list[str]:
+    """The methods that run on a pretrained ViT's token interface (their module's
+    ``BACKBONE = "vit"``): the prompt-based and pretrained-model methods."""
+    return [n for n in available() if getattr(importlib.import_module(f"jaxcl.methods.{n}"), "BACKBONE", "") == "vit"]
+
+
 def build(config, model, info) -> Method:
     """``jaxcl.methods.<config.method.name>.make(config, model, info)``."""
     name = config.method.name
@@ -37,4 +43,4 @@ def describe(name: str) -> str:
     return first_sentence(importlib.import_module(f"jaxcl.methods.{name}").__doc__)
 
 
-__all__ = ["Method", "Phase", "State", "available", "build", "describe"]
+__all__ = ["Method", "Phase", "State", "available", "build", "describe", "on_a_vit"]

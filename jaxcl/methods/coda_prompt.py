@@ -76,6 +76,9 @@ def ortho_penalty(t, active):
     return jnp.sum(jnp.where(both, m * m, 0.0)) / jnp.maximum(jnp.sum(both), 1)
 
 
+BACKBONE = "vit"  # a pretrained ViT's token interface (jaxcl.models.vit)
+
+
 def make(config, model, info) -> base.Method:
     validate(config)
     m = config.method

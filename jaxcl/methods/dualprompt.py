@@ -48,6 +48,9 @@ def validate(config) -> None:
     base.check_range(m, "pull", 0)
 
 
+BACKBONE = "vit"  # a pretrained ViT's token interface (jaxcl.models.vit)
+
+
 def make(config, model, info) -> base.Method:
     validate(config)
     m = config.method

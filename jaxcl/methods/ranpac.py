@@ -74,6 +74,9 @@ def solve(g, c, lam):
     return jnp.linalg.solve(g + lam * jnp.eye(g.shape[0], dtype=g.dtype), c)
 
 
+BACKBONE = "vit"  # a pretrained ViT's token interface (jaxcl.models.vit)
+
+
 def make(config, model, info) -> base.Method:
     validate(config)
     _ptm.check_model(model, "ranpac")

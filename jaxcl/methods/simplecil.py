@@ -39,6 +39,9 @@ def prototypes(sums, counts):
     return _ptm.l2_normalize(sums / jnp.maximum(counts, 1.0)[:, None])
 
 
+BACKBONE = "vit"  # a pretrained ViT's token interface (jaxcl.models.vit)
+
+
 def make(config, model, info) -> base.Method:
     validate(config)
     _ptm.check_model(model, "simplecil")
