@@ -1,7 +1,7 @@
 """Command line: ``jaxcl run | report | list``.
 
     jaxcl run [CONFIG[:ARG]] [--set KEY=VALUE ...] [--seeds S ...] [--sweep KEY=v1,v2 ...] [--workdir DIR]
-              [--resume | --resume-from N] [--allow-change KEY ...]
+              [--resume | --resume-from N] [--allow-change KEY ...] [--devices N]
               [--coordinator HOST:PORT --num-processes N --process-id I | --distributed]
     jaxcl launch --local N [--devices-per-process D] [CONFIG] [run options]
     jaxcl report WORKDIR [WORKDIR ...]
@@ -32,6 +32,8 @@ def _workdir_for(config, resume: bool) -> Path:
 def cmd_run(args) -> int:
     from jaxcl import distributed
 
+    if args.devices is not None:
+        distributed.cpu_devices(args.devices)
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
                            heartbeat_s=args.heartbeat_timeout)
     import jax
@@ -133,6 +135,9 @@ def parser() -> argparse.ArgumentParser:
                    help="continue from checkpoint N (e.g. the newest intact one; newer ones are set aside)")
     r.add_argument("--allow-change", action="append", default=[], metavar="KEY",
                    help="on resume, accept a new value of KEY (optimizer.lr after a NaN); recorded in results.json")
+    r.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="CPU: run on N virtual devices (seeds over them with --set mesh.runs=N, or a batch with "
+                        "mesh.data); sets XLA's host device count before JAX starts")
     g = r.add_argument_group("several processes (jax.distributed)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
     g.add_argument("--num-processes", type=int, default=None)

@@ -107,6 +107,30 @@ def allgather_json(obj) -> list:
     return [json.loads(bytes(every[i, :int(n)]).decode()) for i, n in enumerate(sizes)]
 
 
+def with_cpu_devices(flags: str, n: int) -> str:
+    """``flags`` (an XLA_FLAGS value) asking XLA's host platform for ``n`` devices."""
+    kept = [f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join(kept + [f"--xla_force_host_platform_device_count={n}"])
+
+
+def cpu_devices(n: int) -> None:
+    """Give this process ``n`` virtual CPU devices (``jaxcl run --devices N``): one
+    process spreads seeds (``mesh.runs``) or a batch (``mesh.data``) over the CPU's cores.
+    XLA reads the count when JAX starts its backend, so this must come first."""
+    from jax._src import xla_bridge
+
+    if n < 1:
+        raise DistributedError(f"--devices: must be >= 1, got {n}")
+    if xla_bridge._backends:  # noqa: SLF001 (no public way to ask whether the backend started)
+        raise DistributedError(f"--devices {n}: JAX's backend has already started in this process; "
+                               f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before it starts")
+    os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), n)
+    if jax.default_backend() != "cpu":
+        raise DistributedError(f"--devices {n}: virtual devices are CPU devices, and this process runs on "
+                               f"{jax.default_backend()}; choose accelerators with CUDA_VISIBLE_DEVICES (GPU) or "
+                               "the job's topology (TPU)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -134,9 +158,7 @@ def launch_local(n: int, command: list[str], *, devices_per_process: int = 1, gr
     live.set()
     for i in range(n):
         env = dict(os.environ)
-        flags = env.get("XLA_FLAGS", "")
-        flags = " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
-        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip()
+        env["XLA_FLAGS"] = with_cpu_devices(env.get("XLA_FLAGS", ""), devices_per_process)
         if "CUDA_VISIBLE_DEVICES" not in os.environ and _gpu_count():
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i * devices_per_process + k) for k in range(devices_per_process))
         env["PYTHONUNBUFFERED"] = "1"  # the logs (and process 0's console) follow as it happens

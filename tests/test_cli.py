@@ -49,6 +49,9 @@ def test_list_names_methods_benchmarks_and_models(capsys):
     (["run", "--set", "mesh.fsdp=3"], "mesh.fsdp=3 does not divide the 1 devices"),
     (["run", "--resume-from", "3"], "--resume-from 3"),
     (["run", "--coordinator", "localhost:1"], "--coordinator needs --num-processes and --process-id"),
+    (["run", "--devices", "0"], "--devices: must be >= 1, got 0"),
+    # in this process JAX has started (test_cli_errors.py runs --devices 8 in a new process)
+    (["run", "--devices", "2"], "--devices 2: JAX's backend has already started"),
 ])
 def test_bad_input_exits_2_with_a_named_error(args, message, capsys, tmp_path):
     assert cli.main(args + ["--workdir", str(tmp_path / "w"), *QUIET]) == 2

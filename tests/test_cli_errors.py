@@ -116,12 +116,14 @@ def test_report_lists_a_mix_of_single_multi_seed_and_sweep_workdirs(sweeps, caps
 
 def test_the_device_path_on_eight_virtual_cpu_devices_finishes(tmp_path):
     """The default path (the stream resident on the devices) through a whole task on 8
-    virtual devices, EWC's consolidation pass a chain of 90 programs with an all-reduce
+    virtual devices (``jaxcl run --devices 8``), EWC's consolidation pass a chain of 90 programs with an all-reduce
     each: XLA:CPU deadlocked (and aborted the process after 40 s) when the host ran that
     chain far ahead of the devices (see jaxcl.sharding.pace)."""
     wd = tmp_path / "run"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = jaxcl_cli("run", "split_digits:method=ewc", "--workdir", wd, "--set", "mesh.data=8", "--set", "epochs=1",
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # the 8 devices come from --devices
+    proc = jaxcl_cli("run", "split_digits:method=ewc", "--devices", "8", "--workdir", wd, "--set", "mesh.data=8",
+                     "--set", "epochs=1",
                      "--set", "num_tasks=1", "--set", "data.classes_per_task=10", "--set", "batch_size=16",
                      "--set", "method.fisher=empirical", "--set", "model.hidden=(1024,1024)",
                      "--set", "log.progress=false", "--set", "log.plots=false", "--set", "log.tensorboard=false",
