@@ -39,11 +39,16 @@ def test_parameter_names_follow_timms_keys():
 
 @pytest.fixture(scope="module")
 def small():
+    # jitted, here and in the tests below: op by op, every primitive is a compile of its own
     m = vit.ViT(num_heads=2, num_outputs=5, image_size=(8, 8), patch=4, width=16, depth=2, heads=2)
-    x = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 8, 3))
-    v = m.init(jax.random.PRNGKey(0), x)
-    v = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(2), a.shape), v)
-    return m, v, x
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 8, 8, 3)), jnp.float32)
+
+    @jax.jit
+    def init(x):
+        v = m.init(jax.random.PRNGKey(0), x)
+        return jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(2), a.shape), v)
+
+    return m, init(x), x
 
 
 def reference_block(p, x, pk=None, pv=None, heads=2):
@@ -70,32 +75,46 @@ def reference_block(p, x, pk=None, pv=None, heads=2):
 
 def test_encode_with_prefixes_is_prefix_tuned_attention(small):
     m, v, x = small
-    p = v["params"]
-    t = m.apply(v, x, method=m.tokens)
+    rng = np.random.default_rng(3)
+    pk, pv = (jnp.asarray(rng.normal(size=(3, 2, 16)), jnp.float32) for _ in range(2))
+
+    @jax.jit
+    def both(v, x, pk, pv):
+        p = v["params"]
+        t = m.apply(v, x, method=m.tokens)
+        out = m.apply(v, t, False, [None, (pk, pv[0])], method=m.encode)  # [Lp, D] broadcasts over the batch
+        ref = reference_block(p["blocks_1"], reference_block(p["blocks_0"], t), pk, jnp.broadcast_to(pv[0], pv.shape))
+        return t, out, m.apply(v, ref, method=lambda mod, h: mod.norm(h))
+
+    t, out, ref = both(v, x, pk, pv)
     assert t.shape == (3, 5, 16)
-    pk, pv = (jax.random.normal(jax.random.PRNGKey(k), (3, 2, 16)) for k in (3, 4))
-    out = m.apply(v, t, False, [None, (pk, pv[0])], method=m.encode)  # [Lp, D] broadcasts over the batch
-    ref = reference_block(p["blocks_1"], reference_block(p["blocks_0"], t), pk, jnp.broadcast_to(pv[0], pv.shape))
-    ref = m.apply(v, ref, method=lambda mod, h: mod.norm(h))
     np.testing.assert_allclose(out, ref, atol=2e-5)
     assert out.shape == t.shape  # queries and output length unchanged
 
 
 def test_prompts_go_after_cls_and_pools_pick_their_tokens(small):
     m, v, x = small
-    P = jax.random.normal(jax.random.PRNGKey(5), (2, 16))
-    t = m.apply(v, x, method=m.tokens)
-    seq = jnp.concatenate([t[:, :1], jnp.broadcast_to(P, (3, 2, 16)), t[:, 1:]], 1)
-    out = m.apply(v, seq, method=m.encode)
+    P = jnp.asarray(np.random.default_rng(5).normal(size=(2, 16)), jnp.float32)
+
+    @jax.jit
+    def outputs(v, x, P):
+        t = m.apply(v, x, method=m.tokens)
+        seq = jnp.concatenate([t[:, :1], jnp.broadcast_to(P, (3, 2, 16)), t[:, 1:]], 1)
+        out = m.apply(v, seq, method=m.encode)
+        feats = {pool: m.apply(v, x, prompts=P, pool=pool, features=True) for pool in ("cls", "prompt", "mean")}
+        logits = (m.apply(v, x, jnp.int32(1), prompts=P, pool="prompt"),
+                  m.apply(v, out[:, 1:3].mean(1), jnp.int32(1), method=m.classify))
+        plain = (m.apply(v, x, jnp.int32(0)),
+                 m.apply(v, m.apply(v, t, method=m.encode)[:, 0], jnp.int32(0), method=m.classify))
+        return out, feats, logits, m.apply(v, x, "all"), plain
+
+    out, feats, logits, every_head, plain = outputs(v, x, P)
     for pool, want in (("cls", out[:, 0]), ("prompt", out[:, 1:3].mean(1)), ("mean", out[:, 3:].mean(1))):
-        feat = m.apply(v, x, prompts=P, pool=pool, features=True)
-        np.testing.assert_allclose(feat, want, atol=1e-6)
-    logits = m.apply(v, x, jnp.int32(1), prompts=P, pool="prompt")
-    np.testing.assert_allclose(logits, m.apply(v, out[:, 1:3].mean(1), jnp.int32(1), method=m.classify), atol=1e-6)
-    assert m.apply(v, x, "all").shape == (3, 2, 5)
+        np.testing.assert_allclose(feats[pool], want, atol=1e-6)
+    np.testing.assert_allclose(*logits, atol=1e-6)
+    assert every_head.shape == (3, 2, 5)
     # no prompts, no prefixes: the plain model
-    np.testing.assert_array_equal(m.apply(v, x, jnp.int32(0)),
-                                  m.apply(v, m.apply(v, t, method=m.encode)[:, 0], jnp.int32(0), method=m.classify))
+    np.testing.assert_array_equal(*plain)
 
 
 def test_images_off_the_grid_are_refused_by_name(small):
@@ -105,10 +124,11 @@ def test_images_off_the_grid_are_refused_by_name(small):
 
 
 def test_vit_cifar_trains_on_digits_in_float32_and_bfloat16(make_config, tmp_path):
-    # the embedded 8x8 digits: a 2x2 grid of 4-pixel patches
+    # the embedded 8x8 digits: a 2x2 grid of 4-pixel patches; width 16 (test_vit_methods'
+    # size): the dtype is what is tested, not the width
     for dtype in ("float32", "bfloat16"):
         c = make_config("split_digits:method=finetune", model__name="vit_cifar", model__dtype=dtype, num_tasks=2,
-                        epochs=3, optimizer__name="adam", optimizer__lr=3e-3)
+                        epochs=3, optimizer__name="adam", optimizer__lr=3e-3, model__width=16)
         res = train.run(c, tmp_path / dtype, echo=lambda s: None)
         acc = np.asarray(res["accuracy_matrix"])
         assert acc[0, 0] > 0.8 and acc[1, 1] > 0.8, (dtype, acc)
