@@ -3,18 +3,16 @@ devices. Each run's results equal the one-device program's, no collective of the
 compiled train step crosses a run group (read from the HLO), checkpoints resume exactly,
 and a number of runs the axis does not divide is refused by name.
 
-The layouts need several devices, so they run in a subprocess with virtual CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=4``), as tests/test_sharding.py does.
+The layouts need several devices: every single-process case runs in one subprocess of 4
+virtual CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=4``), every
+2-process case in one local job (each fresh process pays the jax import and its compiles).
 """
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
+from _jobs import launch, run_script
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import jaxcl
@@ -33,25 +31,23 @@ FAMILIES = {  # one method per family: its sets on top of SHORT
 }
 COLLECTIVE = re.compile(r" (all-reduce|all-gather|collective-permute|all-to-all|reduce-scatter)(-start)?\(")
 
-# argv: what ("hlo" | "results" | "resume"), out dir. Prints one "RESULT {json}" line per case.
-SCRIPT = textwrap.dedent("""
-    import json, sys
+# One process of 4 devices runs every single-process case (argv: out dir) and prints one
+# "RESULT {json}" line per case: the HLO of the train step of every family and layout,
+# the results of 1 and 2 run groups, and a run killed at a save and resumed.
+SCRIPT = """
     import jax, jax.numpy as jnp, numpy as np
     import jaxcl
     from jaxcl import config as C, train
     from jaxcl.checkpoint import Checkpointer
     assert jax.device_count() == 4, jax.devices()
-    FAMILIES, SHORT = json.loads(%r), %r
-    what, out = sys.argv[1], sys.argv[2]
+    FAMILIES, SHORT, EWC = json.loads(%r), %r, %r
+    out = args[0]
     made = []  # every Setup the runs build
     real_setup = train.setup
     train.setup = lambda c: made.append(real_setup(c)) or made[-1]
 
     def config(name, *sets):
         return C.override(jaxcl.get_config(f"split_digits:method={name}"), SHORT + FAMILIES.get(name, []) + list(sets))
-
-    def emit(**kw):
-        print("RESULT " + json.dumps(kw), flush=True)
 
     def hlo(S):
         # the compiled train chunk of every phase of task 0, as XLA's text
@@ -66,84 +62,86 @@ SCRIPT = textwrap.dedent("""
             open(paths[ph.name], "w").write(text)
         return paths
 
-    if what == "hlo":
-        for name in FAMILIES:  # every family, 4 runs on 4 run groups of one device
-            S = train.setup(config(name, "seeds=(0,1,2,3)", "mesh.runs=4", "mesh.data=1"))
-            emit(case=name, hlo=hlo(S), group=1)
-        for runs, data in ((2, 2), (1, 4)):  # groups of 2 devices; and the control: one group of 4
-            S = train.setup(config("ewc", "seeds=(0,1,2,3)", f"mesh.runs={runs}", f"mesh.data={data}"))
-            emit(case=f"ewc_runs{runs}_data{data}", hlo=hlo(S), group=data)
-    elif what == "results":
-        cases = {"ewc": ["seeds=(0,1)", "sweep=('method.ewc_lambda=1,1000',)"], "packnet": ["seeds=(0,1)"],
-                 "er": ["seeds=(0,1)"]}
-        for name, sets in cases.items():
-            for runs in (1, 2):
-                r = jaxcl.run(config(name, *sets, f"mesh.runs={runs}", "mesh.data=1"), f"{out}/{name}{runs}",
-                              echo=lambda s: None)
-                S = made[-1]
-                src = {k: (str(a.sharding.spec), list(a.sharding.shard_shape(a.shape)), list(a.shape))
-                       for k, a in (S.src.get("train") or {}).items()}
-                emit(case=name, runs=runs, workdir=f"{out}/{name}{runs}", devices=r["devices"],
-                     state_bytes=r["state_bytes"], src=src, per_run=S.feed.per_run,
-                     matrices=[[x["setting"], x["seed"], x["accuracy_matrix"]] for x in r["runs"]])
-    elif what == "resume":
-        sets = ["method.ewc_lambda=100", "seeds=(1,2)", "mesh.runs=2", "mesh.data=1", "checkpoint.every_steps=5",
-                "loop.steps_per_call=3", "data.classes_per_task=3", "num_tasks=3"]
-        c = config("ewc", *sets)
-        full = jaxcl.run(c, f"{out}/full", echo=lambda s: None)
-        real_save, calls = Checkpointer.save, [0]
+    for name in FAMILIES:  # every family, 4 runs on 4 run groups of one device
+        S = train.setup(config(name, "seeds=(0,1,2,3)", "mesh.runs=4", "mesh.data=1"))
+        emit(what="hlo", case=name, hlo=hlo(S), group=1)
+    for runs, data in ((2, 2), (1, 4)):  # groups of 2 devices; and the control: one group of 4
+        S = train.setup(config("ewc", "seeds=(0,1,2,3)", f"mesh.runs={runs}", f"mesh.data={data}"))
+        emit(what="hlo", case=f"ewc_runs{runs}_data{data}", hlo=hlo(S), group=data)
 
-        class Crash(Exception):
-            pass
+    cases = {"ewc": ["seeds=(0,1)", "sweep=('method.ewc_lambda=1,1000',)"], "packnet": ["seeds=(0,1)"],
+             "er": ["seeds=(0,1)"]}
+    for name, sets in cases.items():
+        for runs in (1, 2):
+            r = jaxcl.run(config(name, *sets, f"mesh.runs={runs}", "mesh.data=1"), f"{out}/{name}{runs}",
+                          echo=lambda s: None)
+            S = made[-1]
+            src = {k: (str(a.sharding.spec), list(a.sharding.shard_shape(a.shape)), list(a.shape))
+                   for k, a in (S.src.get("train") or {}).items()}
+            emit(what="results", case=name, runs=runs, workdir=f"{out}/{name}{runs}", devices=r["devices"],
+                 state_bytes=r["state_bytes"], src=src, per_run=S.feed.per_run,
+                 matrices=[[x["setting"], x["seed"], x["accuracy_matrix"]] for x in r["runs"]])
 
-        def dying_save(self, index, state, meta):  # the run dies at its 4th save (the crash_at_save fixture)
-            calls[0] += 1
-            if calls[0] == 4:
-                raise Crash()
-            return real_save(self, index, state, meta)
+    c = config("ewc", *EWC, "mesh.runs=2", "mesh.data=1")
+    full = jaxcl.run(c, f"{out}/full", echo=lambda s: None)
+    real_save, calls = Checkpointer.save, [0]
 
-        Checkpointer.save = dying_save
-        try:
-            jaxcl.run(c, f"{out}/cut", echo=lambda s: None)
-            raise AssertionError("the run did not die")
-        except Crash:
-            pass
-        Checkpointer.save = real_save
-        import shutil
-        shutil.copytree(f"{out}/cut", f"{out}/cut_one_group")
-        resumed = jaxcl.run(c, f"{out}/cut", resume=True, echo=lambda s: None)
-        # the checkpoint holds global arrays: it may continue on another layout (one device)
-        other = jaxcl.run(C.override(c, ["mesh.runs=1"]), f"{out}/cut_one_group", resume=True, echo=lambda s: None)
-        states = []
-        for d in ("full", "cut"):
-            import orbax.checkpoint as ocp
-            ck = Checkpointer(f"{out}/{d}/checkpoints")
-            st = ocp.StandardCheckpointer().restore(ck.directory / str(ck.latest()) / "state")
-            states.append([np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(st)])
-        emit(case="resume", full=[x["accuracy_matrix"] for x in full["runs"]],
-             resumed=[x["accuracy_matrix"] for x in resumed["runs"]], states_equal=states[0] == states[1],
-             other=[x["accuracy_matrix"] for x in other["runs"]], other_mesh=other["devices"]["mesh"],
-             saves_before_crash=calls[0])
-""") % (json.dumps(FAMILIES), SHORT)
+    class Crash(Exception):
+        pass
 
+    def dying_save(self, index, state, meta):  # the run dies at its 4th save (the crash_at_save fixture)
+        calls[0] += 1
+        if calls[0] == 4:
+            raise Crash()
+        return real_save(self, index, state, meta)
 
-def _job(what: str, tmp) -> list[dict]:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, what, str(tmp)], env=env, capture_output=True, text=True,
-                          timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    Checkpointer.save = dying_save
+    try:
+        jaxcl.run(c, f"{out}/cut", echo=lambda s: None)
+        raise AssertionError("the run did not die")
+    except Crash:
+        pass
+    Checkpointer.save = real_save
+    import shutil
+    shutil.copytree(f"{out}/cut", f"{out}/cut_one_group")
+    resumed = jaxcl.run(c, f"{out}/cut", resume=True, echo=lambda s: None)
+    # the checkpoint holds global arrays: it may continue on another layout (one device)
+    other = jaxcl.run(C.override(c, ["mesh.runs=1"]), f"{out}/cut_one_group", resume=True, echo=lambda s: None)
+    states = []
+    for d in ("full", "cut"):
+        import orbax.checkpoint as ocp
+        ck = Checkpointer(f"{out}/{d}/checkpoints")
+        st = ocp.StandardCheckpointer().restore(ck.directory / str(ck.latest()) / "state")
+        states.append([np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(st)])
+    emit(what="resume", full=[x["accuracy_matrix"] for x in full["runs"]],
+         resumed=[x["accuracy_matrix"] for x in resumed["runs"]], states_equal=states[0] == states[1],
+         other=[x["accuracy_matrix"] for x in other["runs"]], other_mesh=other["devices"]["mesh"],
+         saves_before_crash=calls[0])
+"""
+# ewc killed at a save and resumed, here on 4 devices and in the 2-process job below
+EWC_RESUME = ["method.ewc_lambda=100", "seeds=(1,2)", "checkpoint.every_steps=5", "loop.steps_per_call=3",
+              "data.classes_per_task=3", "num_tasks=3"]
+SCRIPT = SCRIPT % (json.dumps(FAMILIES), SHORT, EWC_RESUME)
 
 
 @pytest.fixture(scope="module")
-def hlo(tmp_path_factory):
-    return {x["case"]: x for x in _job("hlo", tmp_path_factory.mktemp("hlo"))}
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def four(tmp_path_factory):
+    """Every case of SCRIPT, by kind."""
     out = {}
-    for x in _job("results", tmp_path_factory.mktemp("results")):
+    for x in run_script(SCRIPT, [str(tmp_path_factory.mktemp("four"))], devices=4):
+        out.setdefault(x["what"], []).append(x)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hlo(four):
+    return {x["case"]: x for x in four["hlo"]}
+
+
+@pytest.fixture(scope="module")
+def results(four):
+    out = {}
+    for x in four["results"]:
         out.setdefault(x["case"], {})[x["runs"]] = x
     return out
 
@@ -276,8 +274,8 @@ def test_per_seed_resident_streams_are_split_along_runs(results):
     assert "runs" not in spec and shard == shape
 
 
-def test_a_killed_run_split_over_run_groups_resumes_exactly(tmp_path):
-    (r,) = _job("resume", tmp_path)
+def test_a_killed_run_split_over_run_groups_resumes_exactly(four):
+    (r,) = four["resume"]
     assert r["saves_before_crash"] == 4
     assert r["resumed"] == r["full"] and r["full"][0] != r["full"][1]
     assert r["states_equal"]
@@ -286,89 +284,63 @@ def test_a_killed_run_split_over_run_groups_resumes_exactly(tmp_path):
 
 # ----------------------------------------------------------------------------- several processes
 
-# One process of a `launch --local 2` job (argv: out dir, "crash" | "resume", then the
-# launcher's --coordinator ...): er (a resident copy per seed) in full, and ewc that dies
-# at its 4th save ("crash") or resumes ("resume").
-MP_JOB = textwrap.dedent("""
-    import json, sys
-    args = sys.argv[1:]
-    i = args.index("--coordinator")
-    dist = dict(coordinator=args[i + 1], num_processes=int(args[i + 3]), process_id=int(args[i + 5]))
-    from jaxcl import distributed
-    distributed.initialize(**dist, heartbeat_s=10)
+# One process of a `launch --local 2` job (argv: out dir, then the launcher's
+# --coordinator ...): er (a resident copy per seed) in full, then ewc that dies at its 4th
+# save in both processes (as after a kill) and resumes from its checkpoints. The resume
+# stays in the same processes: what is tested is that 2 processes restore their halves
+# of the checkpoint's global arrays and continue exactly, not a fresh start's imports.
+MP_JOB = """
     import jax, numpy as np
     import jaxcl
     from jaxcl import config as C, train
     from jaxcl.checkpoint import Checkpointer
     FAMILIES, SHORT, EWC = json.loads(%r), %r, %r
-    out, what = args[0], args[1]
+    out = args[0]
     made = []
     real_setup = train.setup
     train.setup = lambda c: made.append(real_setup(c)) or made[-1]
     me = jax.process_index()
+    c = C.override(jaxcl.get_config("split_digits:method=er"), SHORT + FAMILIES["er"] + ["seeds=(0,1)", "mesh.runs=2"])
+    r = jaxcl.run(c, f"{out}/er", echo=lambda s: None)
+    x = made[-1].src["train"]["x"]
+    emit(process=me, case="er", matrices=[m["accuracy_matrix"] for m in r["runs"]], devices=r["devices"],
+         local_src=[list(s.data.shape) for s in x.addressable_shards], global_src=list(x.shape),
+         local_runs=list(made[-1].feed.local_runs))
+    real_save, calls = Checkpointer.save, [0]
 
-    def emit(**kw):
-        print("RESULT " + json.dumps({"process": me, **kw}), flush=True)
+    class Crash(Exception):
+        pass
 
-    if what == "crash":
-        c = C.override(jaxcl.get_config("split_digits:method=er"), SHORT + FAMILIES["er"] + ["seeds=(0,1)",
-                                                                                            "mesh.runs=2"])
-        r = jaxcl.run(c, f"{out}/er", echo=lambda s: None)
-        x = made[-1].src["train"]["x"]
-        emit(case="er", matrices=[m["accuracy_matrix"] for m in r["runs"]], devices=r["devices"],
-             local_src=[list(s.data.shape) for s in x.addressable_shards], global_src=list(x.shape),
-             local_runs=list(made[-1].feed.local_runs))
-        real_save, calls = Checkpointer.save, [0]
+    def dying_save(self, index, state, meta):  # both processes stop at the same save
+        calls[0] += 1
+        if calls[0] == 4:
+            raise Crash()
+        return real_save(self, index, state, meta)
 
-        def dying_save(self, index, state, meta):
-            calls[0] += 1
-            if calls[0] == 4:
-                sys.exit(3)  # both processes stop at the same save, as after a kill
-            return real_save(self, index, state, meta)
-
-        Checkpointer.save = dying_save
+    Checkpointer.save = dying_save
     c = C.override(jaxcl.get_config("split_digits:method=ewc"), SHORT + EWC + ["mesh.runs=2"])
-    r = jaxcl.run(c, f"{out}/ewc", resume=what == "resume", echo=lambda s: None)
-    emit(case="ewc", matrices=[m["accuracy_matrix"] for m in r["runs"]], devices=r["devices"])
-""")
-EWC_RESUME = ["method.ewc_lambda=100", "seeds=(1,2)", "checkpoint.every_steps=5", "loop.steps_per_call=3",
-              "data.classes_per_task=3", "num_tasks=3"]
-MP_JOB = MP_JOB % (json.dumps(FAMILIES), SHORT, EWC_RESUME)
-
-
-def _launch(tmp, what: str) -> tuple[int, list[dict], str]:
-    script = tmp / "job.py"
-    script.write_text(MP_JOB)
-    logs = tmp / f"logs_{what}"
-    logs.mkdir(exist_ok=True)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               JAXCL_LAUNCH_LOGS=str(logs))
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
-        import sys
-        from jaxcl import distributed
-        sys.exit(distributed.launch_local(2, [sys.executable, {str(script)!r}, {str(tmp / 'runs')!r}, {what!r}],
-                                          grace_s=10))
-    """)], env=env, capture_output=True, text=True, timeout=1500)
-    text = proc.stdout + (logs / "process_1.log").read_text()
-    return proc.returncode, [json.loads(x[7:]) for x in text.splitlines() if x.startswith("RESULT ")], text
+    try:
+        jaxcl.run(c, f"{out}/ewc", echo=lambda s: None)
+        raise AssertionError("the run did not die")
+    except Crash:
+        pass
+    Checkpointer.save = real_save
+    said = []
+    r = jaxcl.run(c, f"{out}/ewc", resume=True, echo=said.append)
+    emit(process=me, case="ewc", matrices=[m["accuracy_matrix"] for m in r["runs"]], devices=r["devices"],
+         saves_before_crash=calls[0], resumed=any(s.startswith("resuming from") for s in said))
+""" % (json.dumps(FAMILIES), SHORT, EWC_RESUME)
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mp")
-    code, crashed, text = _launch(tmp, "crash")
-    assert code == 3, text[-3000:]  # the ewc run died at its 4th save in both processes
-    code, resumed, text = _launch(tmp, "resume")
-    assert code == 0, text[-3000:]
-    return tmp, crashed + resumed
+    code, rows, _ = launch(2, MP_JOB, [str(tmp / "runs")], tmp)
+    assert code == 0
+    return tmp, rows
 
 
-def _one_process(make_config, tmp_path, name, sets):
-    c = jaxcl.config.override(make_config(f"split_digits:method={name}"), SHORT + sets)
-    return [m["accuracy_matrix"] for m in jaxcl.run(c, tmp_path / name, echo=lambda s: None)["runs"]]
-
-
-def test_two_processes_each_feed_their_own_runs_and_match_one_device(two_processes, make_config, tmp_path):
+def test_two_processes_each_feed_their_own_runs_and_match_one_device(two_processes, results):
     tmp, res = two_processes
     er = {x["process"]: x for x in res if x["case"] == "er"}
     assert set(er) == {0, 1}
@@ -376,18 +348,26 @@ def test_two_processes_each_feed_their_own_runs_and_match_one_device(two_process
         assert x["local_runs"] == [p] and x["global_src"][0] == 2 and x["local_src"][0][0] == 1  # its copy only
         assert x["devices"]["processes"] == 2 and x["devices"]["mesh"] == {"runs": 2, "data": 1, "fsdp": 1}
     assert er[0]["matrices"] == er[1]["matrices"]  # every process sees every run's results
-    assert er[0]["matrices"] == _one_process(make_config, tmp_path, "er", FAMILIES["er"] + ["seeds=(0,1)"])
+    # the same config on one device (mesh.runs=1, mesh.data=1 of the 4-device process)
+    one = results["er"][1]
+    assert one["devices"]["count"] == 1
+    assert er[0]["matrices"] == [m[2] for m in one["matrices"]]
     for seed in (0, 1):  # process 0 wrote every run's folder, from the small results each process made
         saved = json.loads((tmp / "runs" / "er" / f"seed_{seed}" / "results.json").read_text())
         assert saved["accuracy_matrix"] == er[0]["matrices"][seed] and saved["seed"] == seed
         assert saved["train_steps"] > 0 and saved["params"]["backbone"] > 0
 
 
-def test_two_processes_killed_at_a_save_resume_exactly(two_processes, make_config, tmp_path):
+def test_two_processes_killed_at_a_save_resume_exactly(two_processes, four):
     _, res = two_processes
     ewc = [x for x in res if x["case"] == "ewc"]
-    assert {x["process"] for x in ewc} == {0, 1}  # only the resumed job finished ewc
-    assert ewc[0]["matrices"] == _one_process(make_config, tmp_path, "ewc", EWC_RESUME)
+    assert {x["process"] for x in ewc} == {0, 1}
+    assert [x["saves_before_crash"] for x in ewc] == [4, 4]  # both died at their 4th save
+    assert [x["resumed"] for x in sorted(ewc, key=lambda x: x["process"])] == [True, False]  # process 0 talks
+    (r,) = four["resume"]
+    # the run uninterrupted, and resumed on one device (test_a_killed_run_split_... checks both equal)
+    assert ewc[0]["matrices"] == r["full"] == r["other"]
+    assert ewc[1]["matrices"] == ewc[0]["matrices"]
 
 
 # ----------------------------------------------------------------------------- refusals and rules
