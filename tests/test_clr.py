@@ -55,7 +55,7 @@ def clr_run(tmp_path_factory):
     from conftest import _quiet
 
     pre = tmp_path_factory.mktemp("pre")
-    arch = ["model.name=reduced_resnet18", "model.width=8"]
+    arch = ["model.name=reduced_resnet18", "model.width=4"]  # the width of test_l2_penalty...
     cp = config_lib.override(jaxcl.get_config("split_digits:method=finetune"), _quiet(
         **{"num_tasks": 1, "data.classes_per_task": 10, "scenario": "class", "epochs": 3}) + arch)
     jaxcl.run(cp, pre, echo=lambda s: None)
@@ -91,7 +91,7 @@ def test_old_tasks_bitwise_and_backbone_bitwise_unchanged(clr_run):
     for a, b in zip(jax.tree_util.tree_leaves(states[0].params["clr"]), jax.tree_util.tree_leaves(states[-1].params["clr"])):
         np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0])
     rep = r["method_report"]
-    assert rep["variant"] == "reduced" and rep["clr_per_task"] == 4392 and rep["bn_per_task"] == 1200
+    assert rep["variant"] == "reduced" and rep["clr_per_task"] == 2196 and rep["bn_per_task"] == 600  # width 4: half of width 8's 4392, 1200
 
 
 def test_mixed_task_batch_equals_per_task_predictions(clr_run):

@@ -116,7 +116,7 @@ def test_scanned_inner_loop_equals_the_steps_written_out(make_config):
     c, stream, m, state, batch = built(make_config, model__hidden=(8,), method__inner_steps=4)
     state = filled(state, stream)
     task, rng = jnp.int32(1), jax.random.PRNGKey(3)
-    _, aux = m.loss(state.params, state, batch, task, rng, "train")
+    _, aux = jax.jit(m.loss, static_argnums=5)(state.params, state, batch, task, rng, "train")
     cm = nccl.calibrated(models.build(c.model, stream.info))
     mcfg = c.method
     theta, calib = state.params["params"], state.params["calib"]
@@ -132,18 +132,22 @@ def test_scanned_inner_loop_equals_the_steps_written_out(make_config):
     def clip(g):
         return jax.tree_util.tree_map(lambda v: jnp.clip(v, -mcfg.inner_clip, mcfg.inner_clip), g)
 
-    fast = theta
-    g = jax.grad(lambda th: nccl.optax_ce(fwd(th, x, task), y).mean())(fast)  # step 1: incoming only
-    fast = jax.tree_util.tree_map(lambda p, v: p - mcfg.inner_lr * v, fast, clip(g))
-    for k in range(1, mcfg.inner_steps):  # steps 2..K, written out
-        rep, _ = _memory.memory_sample(state.extra["memory"], jax.random.fold_in(rng, k), mcfg.replay_batch)
+    @jax.jit  # the K steps written out (a Python loop), compiled as one program
+    def written_out(fast):
+        g = jax.grad(lambda th: nccl.optax_ce(fwd(th, x, task), y).mean())(fast)  # step 1: incoming only
+        fast = jax.tree_util.tree_map(lambda p, v: p - mcfg.inner_lr * v, fast, clip(g))
+        for k in range(1, mcfg.inner_steps):  # steps 2..K
+            rep, _ = _memory.memory_sample(state.extra["memory"], jax.random.fold_in(rng, k), mcfg.replay_batch)
 
-        def lk(th):
-            z = fwd(th, jnp.concatenate([x, rep["x"]]), jnp.concatenate([jnp.full(10, 1), rep["task"]]))
-            return (nccl.optax_ce(z[:10], y).mean() + mcfg.gamma * (
-                nccl.optax_ce(z[10:], rep["y"]).mean() + mcfg.reg * kl(z[10:], rep["q"]).mean()))
+            def lk(th):
+                z = fwd(th, jnp.concatenate([x, rep["x"]]), jnp.concatenate([jnp.full(10, 1), rep["task"]]))
+                return (nccl.optax_ce(z[:10], y).mean() + mcfg.gamma * (
+                    nccl.optax_ce(z[10:], rep["y"]).mean() + mcfg.reg * kl(z[10:], rep["q"]).mean()))
 
-        fast = jax.tree_util.tree_map(lambda p, v: p - mcfg.inner_lr * v, fast, clip(jax.grad(lk)(fast)))
+            fast = jax.tree_util.tree_map(lambda p, v: p - mcfg.inner_lr * v, fast, clip(jax.grad(lk)(fast)))
+        return fast
+
+    fast = written_out(theta)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), aux["fast"], fast)
 
 
@@ -155,13 +159,13 @@ def test_outer_step_moves_only_calibration_and_inner_steps_only_theta(make_confi
     task = jnp.int32(1)
     new, _ = jax.jit(train.make_train_step(m, tx, augment=False), static_argnums=3)(state, batch, task, "train")
     rng = jax.random.fold_in(state.rng, state.step)
-    g = jax.grad(lambda cal: m.loss({**state.params, "calib": cal}, state, batch, task, rng, "train")[0])(
+    g = jax.jit(jax.grad(lambda cal: m.loss({**state.params, "calib": cal}, state, batch, task, rng, "train")[0]))(
         state.params["calib"])
     # calibration: exactly one SGD step on the outer loss
     want = jax.tree_util.tree_map(lambda p, v: p - c.optimizer.lr * v, state.params["calib"], g)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new.params["calib"], want)
     # theta: the inner loop's fast weights, computed with the calibration held fixed
-    _, aux = m.loss(state.params, state, batch, task, rng, "train")
+    _, aux = jax.jit(m.loss, static_argnums=5)(state.params, state, batch, task, rng, "train")
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                            new.params["params"], aux["fast"])
     assert not np.allclose(new.params["params"]["fc1"]["kernel"], state.params["params"]["fc1"]["kernel"])
