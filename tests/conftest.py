@@ -20,6 +20,7 @@ all of its time is XLA compiling small programs, not training them):
   heavy new file in ``HEAVY_FIRST``."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -126,8 +127,10 @@ def pytest_runtest_protocol(item, nextitem):
 # `--dist loadfile --no-loadscope-reorder` the two workers take whole files in this order,
 # so the long ones start early and the short ones fill in at the end. Files not named here
 # follow, in pytest's order.
-HEAVY_FIRST = ("test_distributed.py", "test_resume_layout.py", "test_cli_errors.py", "test_loop.py", "test_api.py", "test_baselines.py", "test_train.py",
-               "test_packnet.py", "test_methods.py", "test_cli.py", "test_sharding.py", "test_export.py")
+HEAVY_FIRST = ("test_prompts.py", "test_vit_methods.py", "test_runs_axis.py", "test_distributed.py", "test_clr.py",
+               "test_packnet.py", "test_loop.py", "test_methods.py", "test_cli_errors.py", "test_api.py", "test_baselines.py",
+               "test_rescl.py", "test_nccl.py", "test_cpu_loop.py", "test_accelerator_script.py", "test_vit.py",
+               "test_train.py", "test_export.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -135,17 +138,27 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its own order
 
 
-@pytest.fixture
-def optimized_compiles():
-    """XLA's full optimisation for one test (the session turns most of it off, see
-    pytest_configure): for a bit-for-bit claim across two program structures, which is a
-    claim about the programs users compile."""
+@contextlib.contextmanager
+def optimized_xla():
+    """XLA's full optimisation inside the block (the session turns most of it off, see
+    pytest_configure): for runtime-heavy runs, whose training time outweighs the longer
+    compile (test_prompts.py's CIFAR runs), and for claims about the programs users
+    compile."""
     import jax
 
     before = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture
+def optimized_compiles():
+    """:func:`optimized_xla` for one test."""
+    with optimized_xla():
+        yield
 
 
 @pytest.fixture(scope="session")

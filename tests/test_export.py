@@ -16,7 +16,7 @@ def export_train_call(make_config, name, seeds):
     sets = {"data__classes_per_task": 2, "loop__chunk": "scan", "loop__run_axis": "vmap"}
     if name in ("clr", "sgd_ll"):
         sets["model__name"] = "cnn"  # a conv trunk to reprogram
-    if name in ("l2p", "dualprompt", "coda_prompt", "simplecil", "ranpac"):  # a ViT's token interface
+    if name in methods.on_a_vit():  # a ViT's token interface
         sets.update(model__name="vit_cifar", model__width=32)
         sets.update({"coda_prompt": {"method__layers": "(0, 1, 2, 3)"},
                      "dualprompt": {"method__e_layers": "(2, 3)"},

@@ -13,7 +13,6 @@ CPU-size ViT (``vit_cifar``).
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import jax
@@ -23,28 +22,15 @@ import optax
 import pytest
 
 import jaxcl
-from jaxcl import checkpoint
+from jaxcl import checkpoint, methods
 from jaxcl import config as config_lib
 from jaxcl.methods import _ptm, ranpac
 from jaxcl.models import vit
+from conftest import optimized_xla
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-PTM = ("l2p", "dualprompt", "coda_prompt", "simplecil", "ranpac")
+PTM = tuple(methods.on_a_vit())
 QUIET = ["log.progress=false", "log.plots=false", "log.tensorboard=false"]
-
-
-@contextlib.contextmanager
-def _optimized():
-    """XLA's full optimisation (the session turns most of it off, conftest.py) for the
-    module's runtime-heavy CIFAR runs: their training time outweighs the longer compile
-    (the pretraining: ~130 CPU s with the passes off, ~75 on; L2P's run: 92 -> 68, the same
-    accuracy matrix)."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", before)
 
 
 # ----------------------------------------------------------------------------- against NumPy
@@ -162,7 +148,7 @@ def pretrained(tmp_path_factory):
         "data.train_limit=2500", "data.test_limit=500", "epochs=3", "optimizer.name=adam", "optimizer.lr=1e-3",
         "optimizer.momentum=0.0", "optimizer.weight_decay=0.0", "optimizer.schedule=constant",
         "data.augment=false", "checkpoint.every_steps=0"])
-    with _optimized():
+    with optimized_xla():
         r = jaxcl.run(c, workdir, echo=lambda s: None)
     assert r["accuracy_matrix"][0][0] > 0.4  # it learned something to start from
     return workdir, SHARED_DATA
@@ -188,7 +174,7 @@ def _cl_config(name, pretrained_dir, data_dir, **sets):
 def cl_runs(pretrained, tmp_path_factory):
     pre, data_dir = pretrained
     out = {}
-    with _optimized():
+    with optimized_xla():
         for name in PTM + ("finetune",):
             wd = tmp_path_factory.mktemp(name)
             out[name] = (jaxcl.run(_cl_config(name, pre, data_dir), wd, echo=lambda s: None), wd)
