@@ -43,6 +43,7 @@ resize runs in grain workers, ``data.grain_workers``). None of these is reproduc
     jaxcl run ptm_cifar100:runlocal=1,method=l2p    # vit_cifar at 32x32, 64 images a task: a smoke test
 """
 from jaxcl import config as cfglib
+from jaxcl.configs import _ptm
 
 
 def get_config(arg=None):
@@ -77,17 +78,5 @@ def get_config(arg=None):
         "ranpac": {},
     }
     if runlocal:
-        c.data.image_size = 32
-        c.data.train_limit = c.data.test_limit = 64
-        c.data.allow_missing_classes = True  # 64 images cannot hold every one of 10 classes
-        c.model.name = "vit_cifar"
-        c.epochs = 1
-        c.batch_size = 16
-        c.eval_batch_size = 64
-        c.log.every_steps = 1
-        per_method = {"l2p": {**per_method["l2p"], "method.length": 2, "method.top_k": 2},
-                      "dualprompt": {**per_method["dualprompt"], "batch_size": 16, "method.e_layers": (2, 3)},
-                      "coda_prompt": {**per_method["coda_prompt"], "epochs": 1, "method.pool_size": 20,
-                                      "method.layers": (0, 1, 2)},
-                      "simplecil": {}, "ranpac": {"method.projection": 256}}
+        per_method = _ptm.runlocal(c, per_method)
     return cfglib.finalize(c, ",".join(f"{k}={v}" for k, v in args.items()) or None, per_method)

@@ -36,6 +36,7 @@ weights, no GPU):
     jaxcl run ptm_imagenet_r:runlocal=1,method=coda_prompt    # vit_cifar at 32x32: a smoke test
 """
 from jaxcl import config as cfglib
+from jaxcl.configs import _ptm
 
 IMAGENET_R_CLASSES = (  # the 200 ImageNet-1k ids of ImageNet-R, google-research/l2p helper/imagenet_r.py
     1, 2, 4, 6, 8, 9, 11, 13, 22, 23, 26, 29, 31, 39, 47, 63, 71, 76, 79, 84, 90, 94, 96, 97, 99, 100, 105,
@@ -86,18 +87,5 @@ def get_config(arg=None):
         "ranpac": {},
     }
     if runlocal:
-        c.data.image_size = 32
-        c.data.train_limit = c.data.test_limit = 64
-        c.data.allow_missing_classes = True
-        c.model.name = "vit_cifar"
-        c.epochs = 1
-        c.batch_size = 16
-        c.eval_batch_size = 64
-        c.log.every_steps = 1
-        small = {"epochs": 1, "batch_size": 16}
-        per_method = {"dualprompt": {**per_method["dualprompt"], **small, "method.e_layers": (2, 3)},
-                      "l2p": {**per_method["l2p"], **small, "method.length": 2, "method.top_k": 2},
-                      "coda_prompt": {**per_method["coda_prompt"], **small, "method.pool_size": 20,
-                                      "method.layers": (0, 1, 2)},
-                      "simplecil": {}, "ranpac": {"method.projection": 256}}
+        per_method = _ptm.runlocal(c, per_method)
     return cfglib.finalize(c, ",".join(f"{k}={v}" for k, v in args.items()) or None, per_method)
