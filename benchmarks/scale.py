@@ -171,15 +171,8 @@ BYTES_JOB = textwrap.dedent("""
         abstract = jax.eval_shape(S.lift(train._make_init(S), (0,)), train._keys(S))
         row = {"num_tasks": S.num_tasks, "model": c.model.name, "method": c.method.name}
         for what, mesh in (("replicated", sharding.make_mesh(2, 1)), ("fsdp2", sharding.make_mesh(1, 2))):
-            sh = sharding.state_shardings(abstract, mesh, min_bytes=c.mesh.min_shard_bytes)
-            per, total = {}, 0
-            for leaf, s in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(sh)):
-                b = int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
-                total += b
-                one = int(np.prod(s.shard_shape(leaf.shape), dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
-                for d in s.device_set:
-                    per[d.id] = per.get(d.id, 0) + one
-            row[what] = {"total": total, "per_device_max": max(per.values()), "devices": len(per)}
+            row[what] = sharding.bytes_per_device(
+                abstract, sharding.state_shardings(abstract, mesh, min_bytes=c.mesh.min_shard_bytes))
         row["ratio_fsdp2_over_replicated"] = round(row["fsdp2"]["per_device_max"]
                                                    / row["replicated"]["per_device_max"], 4)
         out[name] = row

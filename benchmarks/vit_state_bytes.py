@@ -39,15 +39,8 @@ JOB = textwrap.dedent("""
         row = {"model": model_name, "method": method,
                "params": int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(abstract.params)))}
         for what, mesh in (("replicated", sharding.make_mesh(2, 1)), ("fsdp2", sharding.make_mesh(1, 2))):
-            sh = sharding.state_shardings(abstract, mesh, min_bytes=c.mesh.min_shard_bytes)
-            per, total = {}, 0
-            for leaf, s in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(sh)):
-                b = int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
-                total += b
-                one = int(np.prod(s.shard_shape(leaf.shape), dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
-                for d in s.device_set:
-                    per[d.id] = per.get(d.id, 0) + one
-            row[what] = {"total": total, "per_device_max": max(per.values()), "devices": len(per)}
+            row[what] = sharding.bytes_per_device(
+                abstract, sharding.state_shardings(abstract, mesh, min_bytes=c.mesh.min_shard_bytes))
         row["ratio_fsdp2_over_replicated"] = round(row["fsdp2"]["per_device_max"]
                                                    / row["replicated"]["per_device_max"], 4)
         row["mib_per_device"] = {k: round(row[k]["per_device_max"] / 2**20, 1) for k in ("replicated", "fsdp2")}

@@ -199,16 +199,21 @@ def state_shardings(abstract, mesh: Mesh, *, lead: int = 0, min_bytes: int = 2**
     return jax.tree_util.tree_map_with_path(one, abstract)
 
 
-def bytes_per_device(tree) -> dict:
-    """The bytes of ``tree`` (jax Arrays) in total and on the fullest device."""
+def bytes_per_device(tree, shardings=None) -> dict:
+    """The bytes of ``tree`` in total and on the fullest device: its jax Arrays as they
+    are placed, or (with ``shardings``, a matching tree) its abstract leaves
+    (``jax.eval_shape``) as ``shardings`` would place them."""
     total, per = 0, {}
-    for a in jax.tree_util.tree_leaves(tree):
-        if not isinstance(a, jax.Array):
-            continue
-        total += a.size * a.dtype.itemsize
-        shard = a.sharding.shard_shape(a.shape)
-        b = int(np.prod(shard)) * a.dtype.itemsize
-        for d in a.sharding.device_set:
+    leaves = jax.tree_util.tree_leaves(tree)
+    if shardings is None:
+        pairs = [(a, a.sharding) for a in leaves if isinstance(a, jax.Array)]
+    else:
+        pairs = list(zip(leaves, jax.tree_util.tree_leaves(shardings)))
+    for a, sh in pairs:
+        itemsize = np.dtype(a.dtype).itemsize
+        total += int(np.prod(a.shape, dtype=np.int64)) * itemsize
+        b = int(np.prod(sh.shard_shape(a.shape), dtype=np.int64)) * itemsize
+        for d in sh.device_set:
             per[d.id] = per.get(d.id, 0) + b
     return {"total": int(total), "per_device_max": int(max(per.values(), default=0)),
             "devices": len(per)}
