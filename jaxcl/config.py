@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.activation = "relu"  # mlp: relu | tanh
     c.model.dropout = 0.0  # mlp and the ViTs (attention, MLP and residual dropout)
     c.model.width = 0  # resnets and cnn: base width (0: the model's own default)
+    c.model.depth = 0  # the ViTs: blocks (0: the model's own, e.g. 12 for vit_b16)
     c.model.init = "torch"  # torch (PyTorch module defaults) | flax
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.pretrained = ""  # a jaxcl run (workdir) or a torchvision/timm .safetensors file: the trunk (all but the heads)
@@ -304,6 +305,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.model.name in models.available(), f"model.name: unknown model {c.model.name!r}; known: {', '.join(models.available())}")
     need(c.model.init in ("torch", "flax"), f"model.init: {c.model.init!r} is not one of torch, flax")
     need(c.model.dtype in ("float32", "bfloat16"), f"model.dtype: {c.model.dtype!r} is not one of float32, bfloat16")
+    need(isinstance(c.model.depth, int) and c.model.depth >= 0, f"model.depth: must be an integer >= 0, got {c.model.depth!r}")
+    need(not c.model.depth or c.model.name in models.VITS,
+         f"model.depth={c.model.depth}: only the ViTs ({', '.join(models.VITS)}) take a depth, not {c.model.name!r}")
     need(c.data.train_limit >= 0 and c.data.test_limit >= 0, "data.train_limit/test_limit: must be >= 0")
     need(c.data.num_classes >= 0, f"data.num_classes: must be >= 0, got {c.data.num_classes}")
     need(str(c.data.on_device).lower() in ("auto", "true", "false"),

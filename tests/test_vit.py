@@ -132,3 +132,19 @@ def test_vit_cifar_trains_on_digits_in_float32_and_bfloat16(make_config, tmp_pat
         res = train.run(c, tmp_path / dtype, echo=lambda s: None)
         acc = np.asarray(res["accuracy_matrix"])
         assert acc[0, 0] > 0.8 and acc[1, 1] > 0.8, (dtype, acc)
+
+
+def test_model_depth_sets_a_vits_blocks_and_is_refused_elsewhere():
+    import jaxcl
+    from jaxcl import config as config_lib
+    from jaxcl import data, models
+
+    c = config_lib.override(jaxcl.get_config("split_digits"), ["model.name=vit_cifar", "model.depth=2",
+                                                                 "data.image_size=32"])
+    config_lib.validate(c)
+    info = data.StreamInfo(5, "task", (32, 32, 1), 5, 10, (2,) * 5, (2,) * 5)
+    model = models.build(c.model, info)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)))["params"]
+    assert sorted(k for k in shapes if k.startswith("blocks_")) == ["blocks_0", "blocks_1"]  # vit_cifar has 4
+    with pytest.raises(config_lib.ConfigError, match="model.depth=3: only the ViTs"):
+        config_lib.validate(config_lib.override(jaxcl.get_config("split_digits"), ["model.depth=3"]))

@@ -69,6 +69,8 @@ def build(cfg_model, info, **overrides):
         kw.update(width=cfg_model.width)
     if name in VITS:  # the position embedding's grid comes from the images; dropout as the MLP's
         kw.update(image_size=tuple(info.input_shape[:2]), dropout=cfg_model.dropout)
+        if cfg_model.get("depth"):
+            kw.update(depth=cfg_model.depth)
     kw.update(overrides)
     return _MODELS[name](**kw)
 
