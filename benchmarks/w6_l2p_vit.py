@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 
 import devices  # noqa: F401  (--devices N, before jax starts)
 import jax
@@ -48,7 +49,9 @@ def run_jaxcl(name: str, dtype: str) -> dict:
         "method.batchwise_prompt=false", f"method.pull={PULL}", "optimizer.name=adam", f"optimizer.lr={LR}",
         "optimizer.momentum=0.0", "optimizer.grad_clip=0.0"])
     info = data.StreamInfo(10, "class", (IMG, IMG, 3), 1, NCLS, (NCLS,), (10,) * 10)
-    m = methods.build(c, models.build(c.model, info), info)
+    with warnings.catch_warnings():  # the random backbone is the point here (no weights to download)
+        warnings.simplefilter("ignore", methods.base.UntrainedBackboneWarning)
+        m = methods.build(c, models.build(c.model, info), info)
     tx = optim.make(c.optimizer)
     state = m.init(jax.random.PRNGKey(0), jnp.zeros((1, IMG, IMG, 3)))  # op by op: no compile of 12 blocks' init
     state = state.replace(opt_state=tx.init(state.params))
