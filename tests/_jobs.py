@@ -31,6 +31,32 @@ PREAMBLE = textwrap.dedent("""
 
     def emit(**kw):
         print("RESULT " + json.dumps(kw), flush=True)
+
+    # run() with Checkpointer.save raising at its n-th call (every process alike), as
+    # conftest's crash_at_save fixture does in the test process; returns the saves
+    # attempted. A run that never reaches save n fails the job.
+    def die_at_save(n, run):
+        from jaxcl.checkpoint import Checkpointer
+
+        class Died(Exception):
+            pass
+
+        real, calls = Checkpointer.save, [0]
+
+        def dying(self, *a, **k):
+            calls[0] += 1
+            if calls[0] == n:
+                raise Died()
+            return real(self, *a, **k)
+
+        Checkpointer.save = dying
+        try:
+            run()
+        except Died:
+            return calls[0]
+        finally:
+            Checkpointer.save = real
+        raise AssertionError(f"the run did not reach save {n}")
 """)
 
 

@@ -66,7 +66,6 @@ RUN = """
 EIGHT = RUN + """
     import jax, numpy as np
     from jaxcl import sharding
-    from jaxcl.checkpoint import Checkpointer
     assert jax.device_count() == 8, jax.devices()
     out = args[0]
     b = sharding.shard_batch({"x": np.zeros((16, 3))}, sharding.make_mesh(8))
@@ -81,23 +80,9 @@ EIGHT = RUN + """
         run("data2", name, ["mesh.data=2"])
     for name in ("ewc", "packnet"):
         run("fsdp4", name, %r)
-    real, calls = Checkpointer.save, [0]
-
-    class Died(Exception):
-        pass
-
-    def dying(self, *a, **k):  # the run dies at its 3rd save
-        calls[0] += 1
-        if calls[0] == 3:
-            raise Died()
-        return real(self, *a, **k)
-
-    Checkpointer.save = dying
-    try:
-        jaxcl.run(C.override(jaxcl.get_config("split_digits:method=ewc"), COMMON + %r + ["mesh.data=2"]),
-                  f"{out}/cut", echo=lambda s: None)
-    except Died:
-        emit(case="cut", workdir=f"{out}/cut", saves=calls[0])
+    cut = C.override(jaxcl.get_config("split_digits:method=ewc"), COMMON + %r + ["mesh.data=2"])
+    saves = die_at_save(3, lambda: jaxcl.run(cut, f"{out}/cut", echo=lambda s: None))  # dies at its 3rd save
+    emit(case="cut", workdir=f"{out}/cut", saves=saves)
 """ % (FSDP, CUT)
 
 # argv: out dir, methods; then the launcher's arguments

@@ -84,24 +84,7 @@ SCRIPT = """
 
     c = config("ewc", *EWC, "mesh.runs=2", "mesh.data=1")
     full = jaxcl.run(c, f"{out}/full", echo=lambda s: None)
-    real_save, calls = Checkpointer.save, [0]
-
-    class Crash(Exception):
-        pass
-
-    def dying_save(self, index, state, meta):  # the run dies at its 4th save (the crash_at_save fixture)
-        calls[0] += 1
-        if calls[0] == 4:
-            raise Crash()
-        return real_save(self, index, state, meta)
-
-    Checkpointer.save = dying_save
-    try:
-        jaxcl.run(c, f"{out}/cut", echo=lambda s: None)
-        raise AssertionError("the run did not die")
-    except Crash:
-        pass
-    Checkpointer.save = real_save
+    saves = die_at_save(4, lambda: jaxcl.run(c, f"{out}/cut", echo=lambda s: None))
     import shutil
     shutil.copytree(f"{out}/cut", f"{out}/cut_one_group")
     resumed = jaxcl.run(c, f"{out}/cut", resume=True, echo=lambda s: None)
@@ -116,7 +99,7 @@ SCRIPT = """
     emit(what="resume", full=[x["accuracy_matrix"] for x in full["runs"]],
          resumed=[x["accuracy_matrix"] for x in resumed["runs"]], states_equal=states[0] == states[1],
          other=[x["accuracy_matrix"] for x in other["runs"]], other_mesh=other["devices"]["mesh"],
-         saves_before_crash=calls[0])
+         saves_before_crash=saves)
 """
 # ewc killed at a save and resumed, here on 4 devices and in the 2-process job below
 EWC_RESUME = ["method.ewc_lambda=100", "seeds=(1,2)", "checkpoint.every_steps=5", "loop.steps_per_call=3",
@@ -293,7 +276,6 @@ MP_JOB = """
     import jax, numpy as np
     import jaxcl
     from jaxcl import config as C, train
-    from jaxcl.checkpoint import Checkpointer
     FAMILIES, SHORT, EWC = json.loads(%r), %r, %r
     out = args[0]
     made = []
@@ -306,29 +288,12 @@ MP_JOB = """
     emit(process=me, case="er", matrices=[m["accuracy_matrix"] for m in r["runs"]], devices=r["devices"],
          local_src=[list(s.data.shape) for s in x.addressable_shards], global_src=list(x.shape),
          local_runs=list(made[-1].feed.local_runs))
-    real_save, calls = Checkpointer.save, [0]
-
-    class Crash(Exception):
-        pass
-
-    def dying_save(self, index, state, meta):  # both processes stop at the same save
-        calls[0] += 1
-        if calls[0] == 4:
-            raise Crash()
-        return real_save(self, index, state, meta)
-
-    Checkpointer.save = dying_save
     c = C.override(jaxcl.get_config("split_digits:method=ewc"), SHORT + EWC + ["mesh.runs=2"])
-    try:
-        jaxcl.run(c, f"{out}/ewc", echo=lambda s: None)
-        raise AssertionError("the run did not die")
-    except Crash:
-        pass
-    Checkpointer.save = real_save
+    saves = die_at_save(4, lambda: jaxcl.run(c, f"{out}/ewc", echo=lambda s: None))  # both processes alike
     said = []
     r = jaxcl.run(c, f"{out}/ewc", resume=True, echo=said.append)
     emit(process=me, case="ewc", matrices=[m["accuracy_matrix"] for m in r["runs"]], devices=r["devices"],
-         saves_before_crash=calls[0], resumed=any(s.startswith("resuming from") for s in said))
+         saves_before_crash=saves, resumed=any(s.startswith("resuming from") for s in said))
 """ % (json.dumps(FAMILIES), SHORT, EWC_RESUME)
 
 
