@@ -32,9 +32,13 @@ communication), for the EWC MLP, the PackNet MLP and a reduced ResNet-18 on
 split_cifar10. Both variants run side by side in one child process started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` (the one-device variant sets
 ``mesh.data=1``); figures: wall and train-time ratios (runs axis / one device), the
-largest per-seed difference of the accuracy matrices, the state bytes per device.
+largest per-seed difference of the accuracy matrices, the state bytes per device. Then
+the same seeds as 2 processes of one device each (``jaxcl launch --local 2 --set
+mesh.runs=2``, 4 seeds a process; ``--no-processes`` skips it): the wall and train time
+of process 0's run against the one-device program's, and whether every seed's matrix is
+the one-device program's.
 
-    python benchmarks/seeds.py --runs-axis [--runs-workloads ewc packnet resnet] [--seeds 8]
+    python benchmarks/seeds.py --runs-axis [--runs-workloads ewc packnet resnet] [--seeds 8] [--no-processes]
 """
 from __future__ import annotations
 
@@ -195,18 +199,53 @@ def runs_axis_child(name: str, n_seeds: int) -> dict:
         "max_abs_diff_per_seed": {s: float(np.max(np.abs(m1[s] - m2[s]))) for s in m1},
         "identical_matrices": all(np.array_equal(m1[s], m2[s]) for s in m1),
         "load_1min": load,
+        "_matrices": {str(s): m.tolist() for s, m in m1.items()},  # for the 2-process variant
     }
 
 
-def bench_runs_axis(name: str, n_seeds: int) -> dict:
+def bench_runs_axis(name: str, n_seeds: int, processes: bool = True) -> dict:
     import os
+    import time
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     p = subprocess.run([sys.executable, __file__, "--runs-axis-child", name, "--seeds", str(n_seeds)],
                        capture_output=True, text=True, env=env)
     if p.returncode != 0:
         return {"workload": f"runs_axis_{name}", "error": p.stderr[-2000:]}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    if not processes:
+        return out
+    # the same 8 seeds as 2 processes of 1 device (jaxcl launch --local 2), 4 seeds each
+    spec, extra = RUNS_AXIS[name]
+    sets = [f"data.dir={common.DATA_DIR}", *QUIET, *extra, "mesh.runs=2"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    with tempfile.TemporaryDirectory(prefix="jaxcl_runs2p_") as tmp:
+        cmd = [sys.executable, "-m", "jaxcl.cli", "launch", "--local", "2", spec, "--workdir", tmp,
+               "--seeds", *map(str, range(n_seeds))] + [a for kv in sets for a in ("--set", kv)]
+        t0 = time.perf_counter()
+        q = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        outer = time.perf_counter() - t0
+        if q.returncode != 0:
+            out["two_processes"] = {"error": q.stderr[-2000:]}
+            return out
+        summary = json.loads((Path(tmp) / "summary.json").read_text())
+        runs = {int(d.name.split("_")[1]): json.loads((d / "results.json").read_text())
+                for d in Path(tmp).glob("seed_*")}
+    one_wall, one_train = out["wall_s"][0], out["train_s"][0]
+    ref = out.pop("_matrices")
+    out["two_processes"] = {
+        "command": "jaxcl launch --local 2 ... --set mesh.runs=2",
+        "mesh": runs[0]["devices"]["mesh"], "processes": runs[0]["devices"]["processes"],
+        "wall_s": round(summary["wall_s"], 2), "wall_with_process_start_s": round(outer, 2),
+        "train_s": round(summary["train_s"], 2),
+        "wall_ratio_vs_one_device": round(summary["wall_s"] / one_wall, 3),
+        "train_s_ratio_vs_one_device": round(summary["train_s"] / one_train, 3),
+        "identical_matrices": all(np.array_equal(np.asarray(runs[s]["accuracy_matrix"]), np.asarray(ref[str(s)]))
+                                  for s in runs),
+        "load_1min": float(open("/proc/loadavg").read().split()[0]),
+    }
+    return out
 
 
 def main(argv=None) -> int:
@@ -219,13 +258,14 @@ def main(argv=None) -> int:
     ap.add_argument("--runs-axis", action="store_true", help="one device vs mesh.runs=2 on 2 virtual devices")
     ap.add_argument("--runs-workloads", nargs="+", default=list(RUNS_AXIS), choices=list(RUNS_AXIS))
     ap.add_argument("--runs-axis-child", help=argparse.SUPPRESS)
+    ap.add_argument("--no-processes", action="store_true", help="--runs-axis without the 2-process variant")
     args = ap.parse_args(argv)
     if args.runs_axis_child:
         print(json.dumps(runs_axis_child(args.runs_axis_child, args.seeds)), flush=True)
         return 0
     if args.runs_axis:
         for name in args.runs_workloads:
-            common.emit(bench_runs_axis(name, args.seeds))
+            common.emit(bench_runs_axis(name, args.seeds, not args.no_processes))
         return 0
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child)), flush=True)

@@ -1,7 +1,7 @@
 """Command line: ``jaxcl run | report | list``.
 
     jaxcl run [CONFIG[:ARG]] [--set KEY=VALUE ...] [--seeds S ...] [--sweep KEY=v1,v2 ...] [--workdir DIR]
-              [--resume | --resume-from N] [--allow-change KEY ...] [--devices N]
+              [--resume | --resume-from N] [--allow-change KEY ...] [--devices N|auto]
               [--coordinator HOST:PORT --num-processes N --process-id I | --distributed]
     jaxcl launch --local N [--devices-per-process D] [CONFIG] [run options]
     jaxcl report WORKDIR [WORKDIR ...]
@@ -32,12 +32,42 @@ def _workdir_for(config, resume: bool) -> Path:
 def cmd_run(args) -> int:
     from jaxcl import distributed
 
-    if args.devices is not None:
-        distributed.cpu_devices(args.devices)
+    import jaxcl  # imports JAX without starting its backend: the devices are still to be chosen
+    from jaxcl import config as config_lib
+
+    config = _run_config(args)
+    if args.devices == "auto":
+        distributed.cpu_devices_for_runs(len(config_lib.sweep_settings(config)) * len(config_lib.run_seeds(config)))
+    elif args.devices is not None:
+        try:
+            n = int(args.devices)
+        except ValueError:
+            raise distributed.DistributedError(f"--devices: expected a number of devices or auto, got "
+                                               f"{args.devices!r}") from None
+        distributed.cpu_devices(n)
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
                            heartbeat_s=args.heartbeat_timeout)
     import jax
 
+    resume = args.resume or args.resume_from is not None
+    if jax.process_count() > 1 and not args.workdir:
+        raise config_lib.ConfigError("a multi-process run needs --workdir (the same folder for every process)")
+    workdir = Path(args.workdir) if args.workdir else _workdir_for(config, resume)
+    primary = jax.process_index() == 0
+    if primary:
+        print(f"jaxcl: {config.benchmark} / {config.method.name} ({config.scenario}-incremental) -> {workdir}"
+              + (f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""), flush=True)
+    results = jaxcl.run(config, workdir, resume=resume, resume_from=args.resume_from,
+                        allow_change=tuple(args.allow_change), echo=print if primary else (lambda s: None))
+    if primary:
+        print()
+        print(jaxcl.report.summary_table(results))
+        print(f"\nresults: {workdir / ('summary.json' if 'seeds' in results else 'results.json')}")
+    return 0
+
+
+def _run_config(args):
+    """The run's config from CONFIG, --set, --seeds and --sweep, validated."""
     import jaxcl
     from jaxcl import config as config_lib
 
@@ -54,21 +84,7 @@ def cmd_run(args) -> int:
     if args.sweep:
         config = config_lib.override(config, [f"sweep={tuple(args.sweep)!r}"])
     config_lib.validate(config)
-    resume = args.resume or args.resume_from is not None
-    if jax.process_count() > 1 and not args.workdir:
-        raise config_lib.ConfigError("a multi-process run needs --workdir (the same folder for every process)")
-    workdir = Path(args.workdir) if args.workdir else _workdir_for(config, resume)
-    primary = jax.process_index() == 0
-    if primary:
-        print(f"jaxcl: {config.benchmark} / {config.method.name} ({config.scenario}-incremental) -> {workdir}"
-              + (f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""), flush=True)
-    results = jaxcl.run(config, workdir, resume=resume, resume_from=args.resume_from,
-                        allow_change=tuple(args.allow_change), echo=print if primary else (lambda s: None))
-    if primary:
-        print()
-        print(jaxcl.report.summary_table(results))
-        print(f"\nresults: {workdir / ('summary.json' if 'seeds' in results else 'results.json')}")
-    return 0
+    return config
 
 
 def cmd_launch(args, rest: list[str]) -> int:
@@ -135,9 +151,10 @@ def parser() -> argparse.ArgumentParser:
                    help="continue from checkpoint N (e.g. the newest intact one; newer ones are set aside)")
     r.add_argument("--allow-change", action="append", default=[], metavar="KEY",
                    help="on resume, accept a new value of KEY (optimizer.lr after a NaN); recorded in results.json")
-    r.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="CPU: run on N virtual devices (seeds over them with --set mesh.runs=N, or a batch with "
-                        "mesh.data); sets XLA's host device count before JAX starts")
+    r.add_argument("--devices", default=None, metavar="N|auto",
+                   help="CPU: run on N virtual devices (the runs of --seeds/--sweep spread over them, mesh.runs "
+                        "auto; or a batch split, mesh.data); auto: as many as the cores and the runs allow, 1 for "
+                        "a single run; sets XLA's host device count before JAX starts")
     g = r.add_argument_group("several processes (jax.distributed)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
     g.add_argument("--num-processes", type=int, default=None)

@@ -126,8 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     # run groups: the runs of seeds/sweep (a leading axis of one program) are split over
-    # this many groups of data x fsdp devices; must divide the number of runs
-    c.mesh.runs = 1
+    # this many groups of data x fsdp devices; must divide the number of runs. -1 (auto):
+    # as many groups as the devices and the runs allow (one run per device when they
+    # match), except where that is measured slower (see jaxcl.train.auto_runs)
+    c.mesh.runs = -1
     c.mesh.data = -1  # devices on the `data` axis (-1: all the devices `fsdp` leaves)
     c.mesh.fsdp = 1  # devices on the `fsdp` axis: parameters and the trees that shadow them are split along it
     c.mesh.min_shard_bytes = 65536  # leaves smaller than this (counted as float32) stay replicated
@@ -332,8 +334,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     dup = sorted({s for s in seeds if seeds.count(s) > 1})
     need(not dup, f"seeds: {dup} given more than once")
     n_runs = len(sweep_settings(c)) * len(run_seeds(c))
-    need(isinstance(c.mesh.runs, int) and c.mesh.runs >= 1, f"mesh.runs: must be an integer >= 1, got {c.mesh.runs!r}")
-    need(n_runs % c.mesh.runs == 0,
+    need(isinstance(c.mesh.runs, int) and (c.mesh.runs >= 1 or c.mesh.runs == -1),
+         f"mesh.runs: must be an integer >= 1, got {c.mesh.runs!r} (or -1: chosen from the devices and the runs)")
+    need(c.mesh.runs == -1 or n_runs % c.mesh.runs == 0,
          f"mesh.runs={c.mesh.runs} does not divide the {n_runs} runs (seeds x sweep settings); "
          f"use a divisor of {n_runs}")
     _validate_sweep(c, sweep_settings(c))

@@ -131,6 +131,22 @@ def cpu_devices(n: int) -> None:
                                "the job's topology (TPU)")
 
 
+def cpu_devices_for_runs(n_runs: int) -> int:
+    """``jaxcl run --devices auto``: as many virtual CPU devices as this process's cores
+    and the ``n_runs`` runs allow (the most that divides the runs), so that ``mesh.runs``
+    (auto) gives each device its own runs; none for a single run. Sets XLA's host device
+    count only, so a GPU or TPU process is unaffected. Returns the count chosen."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = max(d for d in range(1, min(cores, n_runs) + 1) if n_runs % d == 0)
+    if n > 1:
+        from jax._src import xla_bridge
+
+        if xla_bridge._backends:  # noqa: SLF001
+            raise DistributedError("--devices auto: JAX's backend has already started in this process")
+        os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), n)
+    return n
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))

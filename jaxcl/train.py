@@ -252,6 +252,7 @@ class Setup:
     state_sharding: object = None  # a NamedSharding per State leaf (sharding.RULES)
     chunk: str = "scan"  # how a compiled call runs its steps: loop.chunk with auto resolved (_loop_kinds)
     run_axis: str = "vmap"  # how several runs share the program: loop.run_axis with auto resolved
+    groups_why: str = ""  # why the mesh has its number of run groups (auto_runs)
 
     @property
     def R(self) -> int:
@@ -347,7 +348,31 @@ def _built(S: Setup, values: dict):
     return methods.build(c, S.model, S.info), optim.make(c.optimizer)
 
 
-def _loop_kinds(S: Setup) -> tuple[str, str]:
+def auto_runs(config, n_runs: int, conv_cpu: Callable[[], bool], pipeline: str = "memory") -> tuple[int, str]:
+    """``mesh.runs`` with -1 (auto) resolved, and why: the most run groups that divide
+    both the runs and the devices ``mesh.data`` and ``mesh.fsdp`` leave, so runs spread
+    over devices before batches split (no collective between groups). One group where
+    that is measured slower or cannot work: on CPU when the step computes a convolution
+    (each group would ``vmap`` its runs' convolutions, which XLA:CPU runs ~7x slower than
+    one run after another, ``loop.run_axis=map``; benchmarks/RESULTS.md, issue 22),
+    with ``loop.run_axis=map``, and with the grain pipeline over several processes."""
+    if config.mesh.runs != -1:
+        return config.mesh.runs, "mesh.runs as set"
+    per_group = config.mesh.fsdp * max(config.mesh.data, 1)
+    free = jax.device_count() // per_group if jax.device_count() % per_group == 0 else 1
+    if n_runs == 1 or free == 1:
+        return 1, f"auto: {n_runs} run(s), {free} group(s) of devices free"
+    if config.loop.run_axis != "vmap" and conv_cpu():
+        return 1, "auto: a convolutional step on CPU runs its runs one after another (loop.run_axis=map)"
+    if config.loop.run_axis == "map":
+        return 1, "auto: loop.run_axis=map"
+    if jax.process_count() > 1 and pipeline == "grain":
+        return 1, "auto: the grain pipeline feeds every run from every process"
+    groups = max(g for g in range(1, free + 1) if n_runs % g == 0 and free % g == 0)
+    return groups, f"auto: {n_runs} runs over {free} free device group(s)"
+
+
+def _loop_kinds(S: Setup, conv_cpu: Callable[[], bool]) -> tuple[str, str]:
     """``loop.chunk`` and ``loop.run_axis`` with ``auto`` resolved. On CPU, when the train
     step computes a convolution: ``unrolled`` (XLA:CPU runs one inside a loop or a
     conditional ~20x slower) and ``map`` (~7x slower ``vmap``-ed over runs, as a grouped
@@ -356,18 +381,18 @@ def _loop_kinds(S: Setup) -> tuple[str, str]:
     dense models) and ``vmap`` (all runs in one batched program)."""
     chunk, axis = S.config.loop.chunk, S.config.loop.run_axis
     if "auto" in (chunk, axis):
-        conv = jax.devices()[0].platform == "cpu" and _step_has_convolution(S)
+        conv = conv_cpu()
         chunk = ("unrolled" if conv else "scan") if chunk == "auto" else chunk
         # several run groups (mesh.runs) vmap inside each group's shard_map
         axis = ("map" if conv and S.mesh.shape["runs"] == 1 else "vmap") if axis == "auto" else axis
     return chunk, axis
 
 
-def _step_has_convolution(S: Setup) -> bool:
-    state = jax.eval_shape(_make_init(S)(S.method, S.tx), jax.random.PRNGKey(0))
-    batch = next(data.batches(data.pool(S.streams[0], 0, normalize=S.config.data.normalize), S.config.batch_size))
-    step = make_train_step(S.method, S.tx, S.config.data.augment)
-    phase = S.method.phases(0)[0].name
+def _step_has_convolution(config, method, tx, streams) -> bool:
+    batch = next(data.batches(data.pool(streams[0], 0, normalize=config.data.normalize), config.batch_size))
+    state = jax.eval_shape(_init_of(batch["x"])(method, tx), jax.random.PRNGKey(0))
+    step = make_train_step(method, tx, config.data.augment)
+    phase = method.phases(0)[0].name
     return has_convolution(lambda st, b: step(st, b, jnp.int32(0), phase), state, batch)
 
 
@@ -427,21 +452,25 @@ def setup(config) -> Setup:
     # runs share one program; a single run takes its own (swept) values as constants
     base = run_configs[0] if len(runs) == 1 else config
     method = methods.build(base, model, info)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.runs)
-    sharding.check_runs(len(runs), mesh)
-    sharding.check_batch(config.batch_size, mesh, "batch_size")
-    sharding.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
+    tx = optim.make(base.optimizer)
+    conv_cpu = functools.cache(  # traced only when an auto choice asks
+        lambda: jax.devices()[0].platform == "cpu" and _step_has_convolution(config, method, tx, streams))
     smallest = min(len(t.x_train) for s in streams for t in s.tasks)
     if smallest < config.batch_size:
         raise data.DataError(f"batch_size={config.batch_size} is larger than the smallest task's "
                              f"{smallest} training samples; lower batch_size")
     feed = pipeline_lib.make(config, streams, run_stream)
+    groups, groups_why = auto_runs(config, len(runs), conv_cpu, getattr(feed, "pipeline", "memory"))
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, groups)
+    sharding.check_runs(len(runs), mesh)
+    sharding.check_batch(config.batch_size, mesh, "batch_size")
+    sharding.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
     feed.place(*sharding.process_block(mesh, len(runs)))  # this process's runs and rows of every item
     S = Setup(config, seeds, [st for st, _ in runs], multi, streams, run_stream, info, model, method, mesh,
-              optim.make(base.optimizer), feed, 1, {}, {}, run_configs)
+              tx, feed, 1, {}, {}, run_configs, groups_why=groups_why)
     if S.R > 1:  # the swept values the program computes with (the learning rate is set per epoch instead)
         S.hp = {k: np.asarray([st[k] for st, _ in runs], np.float32) for k in settings[0] if k != "optimizer.lr"}
-    S.chunk, S.run_axis = _loop_kinds(S)
+    S.chunk, S.run_axis = _loop_kinds(S, conv_cpu)
     S.steps_per_call = config_lib.steps_per_call(config) or _auto_steps_per_call(S)
     # a resident copy per run (seed-dependent streams) is split along `runs` with the runs
     # (each process holds its runs' copies only)
@@ -536,8 +565,10 @@ def _sample(S: Setup) -> np.ndarray:
 
 
 def _make_init(S: Setup):
-    sample = _sample(S)
+    return _init_of(_sample(S))
 
+
+def _init_of(sample):
     def make(m, tx):
         def init(rng):
             state = m.init(rng, sample)
@@ -818,7 +849,7 @@ def run_results(S: Setup, state, r: int, run_record: dict, record: dict, one=Non
         "resumed_with_changes": record.get("changes", []),
         "devices": {"count": int(S.mesh.devices.size), "platform": jax.devices()[0].platform,
                     "kind": jax.devices()[0].device_kind, "processes": jax.process_count(),
-                    "mesh": dict(S.mesh.shape)},
+                    "mesh": dict(S.mesh.shape), "runs_why": S.groups_why},
         "state_bytes": sharding.bytes_per_device(state),  # all runs of the program together
         "versions": {"jax": jax.__version__, "python": platform.python_version()},
         "setting": S.settings[r],

@@ -9,13 +9,17 @@ virtual CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=4``), ev
 """
 import json
 import re
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 from _jobs import launch, run_script
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import jaxcl
+from jaxcl import config as config_lib
 from jaxcl import sharding
 
 QUIET = ["log.progress=false", "log.plots=false", "log.tensorboard=false"]
@@ -373,3 +377,53 @@ def test_state_specs_split_the_run_axis_and_keep_fsdp_inside():
                          lead=1, min_bytes=0) == P("runs", "data")
     one = AbstractMesh((1, 2, 1), ("runs", "data", "fsdp"))  # one run group: the run axis is not split
     assert sharding.spec("params/fc1/kernel", (4, 64, 128), 4, one, lead=1, min_bytes=0) == P()
+
+
+# ----------------------------------------------------------------------------- automatic layout
+
+
+@pytest.mark.parametrize("runs,devices,sets,conv,pipeline,processes,want", [
+    (8, 2, [], False, "memory", 1, 2),  # one group per device, 4 runs each
+    (6, 4, [], False, "memory", 1, 2),  # the most groups dividing both 6 and 4
+    (8, 8, ["mesh.fsdp=2"], False, "memory", 1, 4),  # fsdp pairs: 4 free groups
+    (8, 8, ["mesh.data=2"], False, "memory", 1, 4),
+    (1, 8, [], False, "memory", 1, 1),  # a single run: the batch splits instead
+    (8, 2, [], True, "memory", 1, 1),  # conv step on CPU: the runs one after another (map)
+    (8, 2, ["loop.run_axis=vmap"], True, "memory", 1, 2),  # ... unless vmap is asked for
+    (8, 2, ["loop.run_axis=map"], False, "memory", 1, 1),
+    (8, 2, [], False, "grain", 2, 1),  # grain feeds every run from every process
+    (8, 2, ["mesh.runs=4"], False, "memory", 1, 4),  # as set
+])
+def test_mesh_runs_auto_spreads_runs_over_free_devices(monkeypatch, runs, devices, sets, conv, pipeline, processes,
+                                                        want):
+    from jaxcl import train
+
+    monkeypatch.setattr(jax, "device_count", lambda: devices)
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    c = config_lib.override(jaxcl.get_config("split_digits"), sets)
+    groups, why = train.auto_runs(c, runs, lambda: conv, pipeline)
+    assert groups == want, why
+    assert why.startswith("auto" if "mesh.runs=4" not in sets else "mesh.runs as set")
+
+
+def test_devices_auto_gives_each_core_its_runs(tmp_path):
+    """``jaxcl run --devices auto --seeds 0 1``: as many virtual CPU devices as the cores
+    and the runs allow, and mesh.runs (auto) one group per device; results.json says so."""
+    import os
+
+    from jaxcl import distributed
+
+    cores = len(os.sched_getaffinity(0))
+    want = max(d for d in range(1, min(cores, 2) + 1) if 2 % d == 0)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    wd = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "jaxcl.cli", "run", "split_digits:method=finetune", "--devices", "auto",
+                           "--seeds", "0", "1", "--workdir", str(wd), "--set", "epochs=1", "--set", "num_tasks=2",
+                           "--set", "log.progress=false", "--set", "log.plots=false", "--set", "log.tensorboard=false"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((wd / "seed_1" / "results.json").read_text())
+    assert r["devices"]["count"] == want and r["devices"]["mesh"]["runs"] == want, r["devices"]
+    assert r["devices"]["runs_why"].startswith("auto")
+    assert distributed.cpu_devices_for_runs(1) == 1  # a single run: no virtual devices (XLA_FLAGS untouched)
