@@ -4,7 +4,8 @@ Workloads (one JSON line each): 8 seeds of ``split_mnist:method=ewc`` and of
 ``permuted_mnist:method=packnet``, kept short with ``data.train_limit``, epochs and
 num_tasks; ``resnet``: the reduced ResNet-18 of split_cifar10 (W2's model, finetune;
 issue 18), where ``loop.run_axis=auto`` runs the seeds one after another inside the
-program on CPU (``map``) instead of ``vmap``-ing them. ``--set KEY=VALUE`` adds
+program on CPU (``map``) instead of ``vmap``-ing them; ``l2p``: L2P on a frozen
+``vit_cifar`` (issue 21). ``--set KEY=VALUE`` adds
 overrides to every run (say ``loop.run_axis=vmap`` to time the other choice).
 
 In this process: first ``seeds=(0,...,7)`` (one ``jaxcl.run``, every seed
@@ -23,7 +24,7 @@ of the run repeats). On CPU the figure is the process's peak RSS (``getrusage``)
 ``memory_stats()['peak_bytes_in_use']`` is printed too. ``stream_bytes`` is the resident
 stream's images.
 
-    python benchmarks/seeds.py [--workloads ewc packnet resnet] [--seeds 8] [--set KEY=VALUE ...]
+    python benchmarks/seeds.py [--workloads ewc packnet resnet l2p] [--seeds 8] [--set KEY=VALUE ...]
     python benchmarks/seeds.py --memory
 
 ``--runs-axis`` (issue 22): 8 seeds in one program on one device against the same
@@ -63,6 +64,10 @@ WORKLOADS = {
                  "method.retrain_epochs=1"]),
     "resnet": ("split_cifar10:method=finetune",
                ["num_tasks=2", "epochs=1", "data.train_limit=256", "data.test_limit=128"]),
+    # issue 21: L2P on the CPU-size ViT (a random, frozen vit_cifar: the work is the same)
+    "l2p": ("split_cifar10:method=l2p",
+            ["model.name=vit_cifar", "scenario=class", "num_tasks=2", "epochs=1", "data.train_limit=256",
+             "data.test_limit=128"]),
 }
 DEFAULT_WORKLOADS = ("ewc", "packnet")
 MEMORY = ("split_cifar10:method=finetune", ["loop.steps_per_call=8"])
