@@ -15,8 +15,13 @@ over the task's training data adds every feature to its class's sum and count
 class and domain scenarios keep one prototype per output unit; the task scenario one per
 (task, class).
 
-The first-session adaptation of the same paper (APER/ADAM: tune a parameter-efficient
-module on task 1, then prototypes of the concatenated features) is not provided.
+``adapt_epochs > 0``: the same paper's first-session adaptation (APER, ``models/aper_vpt.py``
+with its shallow visual prompt): on task 1 only, a phase ``adapt`` trains
+``adapt_tokens`` prompt tokens inserted after the cls token (the model's ``prompts``,
+uniform init as L2P's) and the head (cross-entropy on task 1's classes) with the run's
+optimizer, the trunk frozen; then everything is frozen, and every prototype and every
+image's feature is the concatenation of the frozen model's feature and the prompted
+model's (the code's two backbones, ``torch.cat`` of their features).
 """
 from __future__ import annotations
 
@@ -27,11 +32,16 @@ from jaxcl.methods import _ptm, base
 
 
 def defaults() -> dict:
-    return {}
+    return {
+        "adapt_epochs": 0,  # first-session adaptation (APER) epochs on task 1; 0: plain SimpleCIL
+        "adapt_tokens": 5,  # its prompt tokens (the code's prompt_token_num)
+    }
 
 
 def validate(config) -> None:
-    """No settings to check."""
+    m = config.method
+    for k, low in (("adapt_epochs", 0), ("adapt_tokens", 1)):
+        base.need(isinstance(m[k], int) and m[k] >= low, k, f"must be an integer >= {low}, got {m[k]!r}")
 
 
 def prototypes(sums, counts):
@@ -46,19 +56,40 @@ def make(config, model, info) -> base.Method:
     validate(config)
     _ptm.check_model(model, "simplecil")
     rows, offsets = _ptm.class_table(info)
+    adapt = config.method.adapt_epochs > 0
+    units = _ptm.output_units(info)
+
+    def feature(params, x, train=False, rng=None):
+        """The frozen model's feature; with adaptation, the prompted model's after it."""
+        plain = _ptm.frozen_features(model, params, x)
+        if not adapt:
+            return plain
+        tuned = _ptm.features(model, params, x, train, rng, prompts=params[_ptm.PROMPT]["tokens"])
+        return jnp.concatenate([plain, tuned], -1)
 
     def init(rng, x):
         state = base.init_state(model, rng, x)
-        d = _ptm.frozen_features(model, state.params, x[:1]).shape[-1]
+        params, trainable = state.params, _ptm.frozen_trunk(state.params, head=False)
+        if adapt:
+            params = {**params, _ptm.PROMPT: {"tokens": _ptm.uniform()(jax.random.fold_in(rng, 11),
+                                                                       (config.method.adapt_tokens, model.width))}}
+            trainable = _ptm.frozen_trunk(params, head=True)  # the prompt tokens and the head: task 1 only
+        d = feature(params, x[:1]).shape[-1]
         extra = {"sums": jnp.zeros((rows, d), jnp.float32), "counts": jnp.zeros((rows,), jnp.float32),
                  "protos": jnp.zeros((rows, d), jnp.float32)}
-        return state.replace(extra=extra, trainable=_ptm.frozen_trunk(state.params, head=False))
+        return state.replace(params=params, extra=extra, trainable=trainable)
 
-    def loss(params, state, batch, task, rng, phase):  # never reached: the phase has no epochs
-        return jnp.zeros(()), {"metrics": {}}
+    def loss(params, state, batch, task, rng, phase):  # the adapt phase only: prototypes train nothing
+        params = _ptm.without_trunk_gradient(params, head=True)
+        feat = _ptm.features(model, params, batch["x"], True, rng, prompts=params[_ptm.PROMPT]["tokens"])
+        logits = _ptm.classify(model, params, feat, task)
+        ce, metrics = _ptm.masked_loss(logits, batch, task, units)
+        return ce, {"metrics": metrics}
 
     def consolidate(state, batch, task, phase):
-        feat = _ptm.frozen_features(model, state.params, batch["x"])
+        if phase == "adapt":
+            return state
+        feat = feature(state.params, batch["x"])
         onehot = jax.nn.one_hot(_ptm.rows_of(batch["y"], task, offsets), rows) * batch["mask"][:, None]
         e = dict(state.extra)
         e["sums"] = e["sums"] + jnp.dot(onehot.T, feat, precision=jax.lax.Precision.HIGHEST)
@@ -66,14 +97,18 @@ def make(config, model, info) -> base.Method:
         return state.replace(extra=e)
 
     def after_phase(state, task, phase):
+        if phase == "adapt":  # adapted once: everything frozen from here on
+            return state.replace(trainable=jax.tree_util.tree_map(jnp.zeros_like, state.trainable))
         return state.replace(extra={**state.extra, "protos": prototypes(state.extra["sums"], state.extra["counts"])})
 
     def predict(state, x, task):
-        feat = _ptm.l2_normalize(_ptm.frozen_features(model, state.params, x))
+        feat = _ptm.l2_normalize(feature(state.params, x))
         scores = jnp.dot(feat, state.extra["protos"].T, precision=jax.lax.Precision.HIGHEST)
         scores = jnp.where(state.extra["counts"] > 0, scores, _ptm.NEG)
         return _ptm.task_logits(scores, task, info, offsets)
 
+    stats = (base.Phase("prototypes", 0),)
+    first = ((base.Phase("adapt", config.method.adapt_epochs),) if adapt else ()) + stats
     return base.make("simplecil", config, model, init=init, loss=loss, consolidate=consolidate,
-                     after_phase=after_phase, predict=predict, phases=lambda t: (base.Phase("prototypes", 0),),
+                     after_phase=after_phase, predict=predict, phases=lambda t: first if t == 0 else stats,
                      frozen_backbone=True)
