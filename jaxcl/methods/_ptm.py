@@ -121,6 +121,58 @@ def task_logits(table_logits, task, info, offsets) -> jax.Array:
     return jnp.where(jnp.arange(n) < own, out, NEG)
 
 
+# ----------------------------------------------------------------------------- first-session adaptation (SimpleCIL, RanPAC)
+
+
+def adapt_settings() -> dict:
+    return {
+        "adapt_epochs": 0,  # first-session adaptation epochs on task 1 (APER; RanPAC's Phase 1); 0: none
+        "adapt_tokens": 5,  # its prompt tokens (APER's prompt_token_num)
+    }
+
+
+def check_adapt(m) -> None:
+    for k, low in (("adapt_epochs", 0), ("adapt_tokens", 1)):
+        base.need(isinstance(m[k], int) and m[k] >= low, k, f"must be an integer >= {low}, got {m[k]!r}")
+
+
+class FirstSession:
+    """First-session adaptation with shallow visual prompts (APER's ``aper_vpt``,
+    RanPAC's Phase 1 with VPT): on task 1 only, a phase ``adapt`` trains ``adapt_tokens``
+    prompt tokens inserted after the cls token and the head (cross-entropy on task 1's
+    classes) with the run's optimizer, the trunk frozen; after it everything is frozen.
+    ``epochs == 0``: off (the methods train nothing)."""
+
+    def __init__(self, config, model, info):
+        self.epochs, self.tokens = config.method.adapt_epochs, config.method.adapt_tokens
+        self.model, self.units = model, output_units(info)
+
+    def init(self, rng, state):
+        """``state`` with the prompt tokens (uniform, as L2P's) and its trainable mask."""
+        if not self.epochs:
+            return state.replace(trainable=frozen_trunk(state.params, head=False))
+        params = {**state.params, PROMPT: {"tokens": uniform()(jax.random.fold_in(rng, 11),
+                                                               (self.tokens, self.model.width))}}
+        return state.replace(params=params, trainable=frozen_trunk(params, head=True))
+
+    def features(self, params, x, train=False, rng=None):
+        """The adapted (prompted) model's feature."""
+        return features(self.model, params, x, train, rng, prompts=params[PROMPT]["tokens"])
+
+    def loss(self, params, state, batch, task, rng, phase):
+        params = without_trunk_gradient(params, head=True)
+        logits = classify(self.model, params, self.features(params, batch["x"], True, rng), task)
+        ce, metrics = masked_loss(logits, batch, task, self.units)
+        return ce, {"metrics": metrics}
+
+    def after_adapt(self, state):
+        return state.replace(trainable=jax.tree_util.tree_map(jnp.zeros_like, state.trainable))
+
+    def phases(self, stats: "base.Phase"):
+        first = ((base.Phase("adapt", self.epochs),) if self.epochs else ()) + (stats,)
+        return lambda t: first if t == 0 else (stats,)
+
+
 # ----------------------------------------------------------------------------- prompt pools (L2P, DualPrompt)
 
 

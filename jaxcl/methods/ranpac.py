@@ -22,10 +22,12 @@ As the authors' code (RanPAC/RanPAC, ``RanPAC.py``, ``replace_fc`` and
   stored). The selection diagonalises the fitted part's Gram matrix once and scores
   every lambda from it.
 
-Nothing is trained: each task's one phase, ``statistics``, has zero epochs and the loop's
-consolidation pass accumulates the statistics. The paper's first-session
-parameter-efficient tuning (Phase 1: an adapter, SSF or VPT trained on task 1) is not
-provided: the paper's ablation "No Phase 1" is what this method reproduces.
+By default nothing is trained (the paper's ablation "No Phase 1"): each task's one phase,
+``statistics``, has zero epochs and the loop's consolidation pass accumulates the
+statistics. ``adapt_epochs > 0`` adds the paper's Phase 1, first-session parameter-efficient
+tuning, with its VPT option (:class:`jaxcl.methods._ptm.FirstSession`: shallow prompt tokens
+and the head trained on task 1 in a phase ``adapt``, then frozen); ``f`` is then the
+prompted model's feature.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ def defaults() -> dict:
     return {
         "projection": 10000,  # M: random features (0: the pretrained features themselves, no projection)
         "holdout": 5,  # every holdout-th sample of a task is held out when choosing lambda (the code's 80/20)
+        **_ptm.adapt_settings(),  # Phase 1
     }
 
 
@@ -51,6 +54,7 @@ def validate(config) -> None:
     base.need(isinstance(m.projection, int) and m.projection >= 0, "projection",
               f"must be an integer >= 0 (0: no random projection), got {m.projection!r}")
     base.need(isinstance(m.holdout, int) and m.holdout >= 2, "holdout", f"must be an integer >= 2, got {m.holdout!r}")
+    _ptm.check_adapt(m)
 
 
 def choose_ridge(g_fit, c_fit, g_val, c_val):
@@ -82,16 +86,20 @@ def make(config, model, info) -> base.Method:
     _ptm.check_model(model, "ranpac")
     rows, offsets = _ptm.class_table(info)
     m_rand, holdout = config.method.projection, config.method.holdout
+    first = _ptm.FirstSession(config, model, info)
+
+    def feature(params, x):
+        return first.features(params, x) if first.epochs else _ptm.frozen_features(model, params, x)
 
     def project(state, x):
-        f = _ptm.frozen_features(model, state.params, x)
+        f = feature(state.params, x)
         if not m_rand:
             return f
         return jax.nn.relu(jnp.dot(f, state.extra["w_rand"], precision=HIGHEST))
 
     def init(rng, x):
-        state = base.init_state(model, rng, x)
-        d = _ptm.frozen_features(model, state.params, x[:1]).shape[-1]
+        state = first.init(rng, base.init_state(model, rng, x))
+        d = feature(state.params, x[:1]).shape[-1]
         m = m_rand or d
         z = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
         extra = {
@@ -102,12 +110,11 @@ def make(config, model, info) -> base.Method:
             "seen": jnp.zeros((rows,), bool),
             "w": z(m, rows), "ridge": z(),
         }
-        return state.replace(extra=extra, trainable=_ptm.frozen_trunk(state.params, head=False))
-
-    def loss(params, state, batch, task, rng, phase):  # never reached: the phase has no epochs
-        return jnp.zeros(()), {"metrics": {}}
+        return state.replace(extra=extra)
 
     def consolidate(state, batch, task, phase):
+        if phase == "adapt":
+            return state
         e = dict(state.extra)
         h = project(state, batch["x"])
         mask = batch["mask"]
@@ -127,6 +134,8 @@ def make(config, model, info) -> base.Method:
         return state.replace(extra=e)
 
     def after_phase(state, task, phase):
+        if phase == "adapt":
+            return first.after_adapt(state)
         e = dict(state.extra)
         e["ridge"], _ = choose_ridge(e["g_fit"], e["c_fit"], e["g_val"], e["c_val"])
         e["w"] = solve(e["g"], e["c"], e["ridge"])
@@ -143,6 +152,7 @@ def make(config, model, info) -> base.Method:
     def report(state):
         return {"ridge": state.extra["ridge"]}
 
-    return base.make("ranpac", config, model, init=init, loss=loss, consolidate=consolidate, after_phase=after_phase,
-                     predict=predict, phases=lambda t: (base.Phase("statistics", 0),), report=report,
-                     frozen_backbone=True)
+    # the loss is reached only in Phase 1 (adapt): the statistics phase has no epochs
+    return base.make("ranpac", config, model, init=init, loss=first.loss, consolidate=consolidate,
+                     after_phase=after_phase, predict=predict, phases=first.phases(base.Phase("statistics", 0)),
+                     report=report, frozen_backbone=True)

@@ -16,12 +16,11 @@ class and domain scenarios keep one prototype per output unit; the task scenario
 (task, class).
 
 ``adapt_epochs > 0``: the same paper's first-session adaptation (APER, ``models/aper_vpt.py``
-with its shallow visual prompt): on task 1 only, a phase ``adapt`` trains
-``adapt_tokens`` prompt tokens inserted after the cls token (the model's ``prompts``,
-uniform init as L2P's) and the head (cross-entropy on task 1's classes) with the run's
-optimizer, the trunk frozen; then everything is frozen, and every prototype and every
-image's feature is the concatenation of the frozen model's feature and the prompted
-model's (the code's two backbones, ``torch.cat`` of their features).
+with its shallow visual prompt, :class:`jaxcl.methods._ptm.FirstSession`): on task 1
+only, a phase ``adapt`` trains ``adapt_tokens`` prompt tokens and the head, the trunk
+frozen; then everything is frozen, and every prototype and every image's feature is the
+concatenation of the frozen model's feature and the prompted model's (the code's two
+backbones, ``torch.cat`` of their features).
 """
 from __future__ import annotations
 
@@ -32,16 +31,11 @@ from jaxcl.methods import _ptm, base
 
 
 def defaults() -> dict:
-    return {
-        "adapt_epochs": 0,  # first-session adaptation (APER) epochs on task 1; 0: plain SimpleCIL
-        "adapt_tokens": 5,  # its prompt tokens (the code's prompt_token_num)
-    }
+    return _ptm.adapt_settings()
 
 
 def validate(config) -> None:
-    m = config.method
-    for k, low in (("adapt_epochs", 0), ("adapt_tokens", 1)):
-        base.need(isinstance(m[k], int) and m[k] >= low, k, f"must be an integer >= {low}, got {m[k]!r}")
+    _ptm.check_adapt(config.method)
 
 
 def prototypes(sums, counts):
@@ -56,35 +50,19 @@ def make(config, model, info) -> base.Method:
     validate(config)
     _ptm.check_model(model, "simplecil")
     rows, offsets = _ptm.class_table(info)
-    adapt = config.method.adapt_epochs > 0
-    units = _ptm.output_units(info)
+    first = _ptm.FirstSession(config, model, info)
 
-    def feature(params, x, train=False, rng=None):
+    def feature(params, x):
         """The frozen model's feature; with adaptation, the prompted model's after it."""
         plain = _ptm.frozen_features(model, params, x)
-        if not adapt:
-            return plain
-        tuned = _ptm.features(model, params, x, train, rng, prompts=params[_ptm.PROMPT]["tokens"])
-        return jnp.concatenate([plain, tuned], -1)
+        return jnp.concatenate([plain, first.features(params, x)], -1) if first.epochs else plain
 
     def init(rng, x):
-        state = base.init_state(model, rng, x)
-        params, trainable = state.params, _ptm.frozen_trunk(state.params, head=False)
-        if adapt:
-            params = {**params, _ptm.PROMPT: {"tokens": _ptm.uniform()(jax.random.fold_in(rng, 11),
-                                                                       (config.method.adapt_tokens, model.width))}}
-            trainable = _ptm.frozen_trunk(params, head=True)  # the prompt tokens and the head: task 1 only
-        d = feature(params, x[:1]).shape[-1]
+        state = first.init(rng, base.init_state(model, rng, x))
+        d = feature(state.params, x[:1]).shape[-1]
         extra = {"sums": jnp.zeros((rows, d), jnp.float32), "counts": jnp.zeros((rows,), jnp.float32),
                  "protos": jnp.zeros((rows, d), jnp.float32)}
-        return state.replace(params=params, extra=extra, trainable=trainable)
-
-    def loss(params, state, batch, task, rng, phase):  # the adapt phase only: prototypes train nothing
-        params = _ptm.without_trunk_gradient(params, head=True)
-        feat = _ptm.features(model, params, batch["x"], True, rng, prompts=params[_ptm.PROMPT]["tokens"])
-        logits = _ptm.classify(model, params, feat, task)
-        ce, metrics = _ptm.masked_loss(logits, batch, task, units)
-        return ce, {"metrics": metrics}
+        return state.replace(extra=extra)
 
     def consolidate(state, batch, task, phase):
         if phase == "adapt":
@@ -97,8 +75,8 @@ def make(config, model, info) -> base.Method:
         return state.replace(extra=e)
 
     def after_phase(state, task, phase):
-        if phase == "adapt":  # adapted once: everything frozen from here on
-            return state.replace(trainable=jax.tree_util.tree_map(jnp.zeros_like, state.trainable))
+        if phase == "adapt":
+            return first.after_adapt(state)
         return state.replace(extra={**state.extra, "protos": prototypes(state.extra["sums"], state.extra["counts"])})
 
     def predict(state, x, task):
@@ -107,8 +85,7 @@ def make(config, model, info) -> base.Method:
         scores = jnp.where(state.extra["counts"] > 0, scores, _ptm.NEG)
         return _ptm.task_logits(scores, task, info, offsets)
 
-    stats = (base.Phase("prototypes", 0),)
-    first = ((base.Phase("adapt", config.method.adapt_epochs),) if adapt else ()) + stats
-    return base.make("simplecil", config, model, init=init, loss=loss, consolidate=consolidate,
-                     after_phase=after_phase, predict=predict, phases=lambda t: first if t == 0 else stats,
+    # the loss is reached only in the adapt phase: the prototypes phase has no epochs
+    return base.make("simplecil", config, model, init=init, loss=first.loss, consolidate=consolidate,
+                     after_phase=after_phase, predict=predict, phases=first.phases(base.Phase("prototypes", 0)),
                      frozen_backbone=True)
