@@ -40,6 +40,7 @@ of process 0's run against the one-device program's, and whether every seed's ma
 the one-device program's.
 
     python benchmarks/seeds.py --runs-axis [--runs-workloads ewc packnet resnet] [--seeds 8] [--no-processes]
+                                           [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -174,11 +175,12 @@ def bench_memory() -> dict:
     return out
 
 
-def runs_axis_child(name: str, n_seeds: int) -> dict:
+def runs_axis_child(name: str, n_seeds: int, sets=()) -> dict:
     """Both layouts of one workload in this process (2 virtual devices)."""
     import jax
 
     spec, extra = RUNS_AXIS[name]
+    extra = [*extra, *sets]
     base = [f"data.dir={common.DATA_DIR}", *QUIET, *extra, f"seeds={tuple(range(n_seeds))}"]
     load = [float(open("/proc/loadavg").read().split()[0])]
     out = {}
@@ -208,13 +210,13 @@ def runs_axis_child(name: str, n_seeds: int) -> dict:
     }
 
 
-def bench_runs_axis(name: str, n_seeds: int, processes: bool = True) -> dict:
+def bench_runs_axis(name: str, n_seeds: int, processes: bool = True, sets=()) -> dict:
     import os
     import time
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, __file__, "--runs-axis-child", name, "--seeds", str(n_seeds)],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run([sys.executable, __file__, "--runs-axis-child", name, "--seeds", str(n_seeds),
+                        *[a for kv in sets for a in ("--set", kv)]], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         return {"workload": f"runs_axis_{name}", "error": p.stderr[-2000:]}
     out = json.loads(p.stdout.strip().splitlines()[-1])
@@ -222,7 +224,7 @@ def bench_runs_axis(name: str, n_seeds: int, processes: bool = True) -> dict:
         return out
     # the same 8 seeds as 2 processes of 1 device (jaxcl launch --local 2), 4 seeds each
     spec, extra = RUNS_AXIS[name]
-    sets = [f"data.dir={common.DATA_DIR}", *QUIET, *extra, "mesh.runs=2"]
+    sets = [f"data.dir={common.DATA_DIR}", *QUIET, *extra, *sets, "mesh.runs=2"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     with tempfile.TemporaryDirectory(prefix="jaxcl_runs2p_") as tmp:
@@ -266,11 +268,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-processes", action="store_true", help="--runs-axis without the 2-process variant")
     args = ap.parse_args(argv)
     if args.runs_axis_child:
-        print(json.dumps(runs_axis_child(args.runs_axis_child, args.seeds)), flush=True)
+        print(json.dumps(runs_axis_child(args.runs_axis_child, args.seeds, args.set)), flush=True)
         return 0
     if args.runs_axis:
         for name in args.runs_workloads:
-            common.emit(bench_runs_axis(name, args.seeds, not args.no_processes))
+            common.emit(bench_runs_axis(name, args.seeds, not args.no_processes, args.set))
         return 0
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child)), flush=True)
