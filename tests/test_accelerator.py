@@ -9,6 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxcl
@@ -81,3 +82,31 @@ def test_a_bfloat16_resnet_step_is_finite_and_keeps_float32_params(method_setup)
     assert all(a.dtype == jnp.float32 and np.isfinite(np.asarray(a)).all() for a in leaves)
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before), leaves)]
     assert any(moved)
+
+
+@pytest.mark.parametrize("name", methods.on_a_vit())
+def test_a_bfloat16_vit_step_of_every_prompt_method_is_finite_and_keeps_the_trunk(name):
+    """The prompt/PTM methods on a bfloat16 ViT: a train step (the training ones; SimpleCIL
+    and RanPAC with their first-session adaptation) and the statistics pass stay finite,
+    the float32 trunk keeps its bits."""
+    from jaxcl.models import vit
+
+    model = vit.variant("vit_cifar")(num_heads=1, num_outputs=4, classes_per_head=(4,), depth=2, dtype="bfloat16")
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.uniform(size=(8, 32, 32, 3)).astype(np.float32), "y": rng.integers(0, 2, 8).astype(np.int32),
+             "mask": np.ones(8, np.float32)}
+    settings = {"dualprompt": {"g_layers": (0,), "e_layers": (1,)}, "coda_prompt": {"layers": (0, 1)},
+                "simplecil": {"adapt_epochs": 1}, "ranpac": {"adapt_epochs": 1, "projection": 64}}
+    m = jaxcl.method(name, model, batch, num_tasks=2, scenario="class", **settings.get(name, {}))
+    loop = jaxcl.trainer(m, optax.adam(1e-3), check_values=False)
+    state = loop.begin_task(loop.init(jax.random.PRNGKey(0), batch["x"]), 0)
+    trunk = [np.asarray(a) for a in jax.tree_util.tree_leaves(state.params["params"]["blocks_0"])]
+    for phase in m.phases(0):
+        for _ in range(phase.epochs and 2):
+            state, metrics = loop.step(state, batch, 0, phase.name)
+            assert np.isfinite(float(metrics["loss"])), (name, phase.name)
+        state = loop.end_phase(state, 0, phase, [batch])
+    assert all(np.isfinite(np.asarray(a, np.float32)).all() for a in jax.tree_util.tree_leaves(state.extra))
+    assert np.isfinite(np.asarray(loop.predict(state, batch["x"], 0), np.float32)[:, :2]).all()
+    after = [np.asarray(a) for a in jax.tree_util.tree_leaves(state.params["params"]["blocks_0"])]
+    assert all(a.dtype == np.float32 and np.array_equal(a, b) for a, b in zip(after, trunk))
