@@ -50,7 +50,7 @@ def test_steps_per_call_changes_neither_results_nor_logs(make_config, tmp_path):
     out = {}
     for k in ("1", "5", "auto"):
         c = make_config("split_digits:method=ewc", loop__steps_per_call=k, log__every_steps=4,
-                        checkpoint__every_steps=9, num_tasks=2)  # 2 tasks: each run is 8 Orbax saves
+                        checkpoint__every_steps=27, num_tasks=2)  # a save cuts a chunk short; 2 saves a run
         out[k] = jaxcl.run(c, tmp_path / k, echo=quiet)
     assert out["1"]["steps_per_call"] == 1 and out["5"]["steps_per_call"] == 5 and out["auto"]["steps_per_call"] > 5
     for k in ("5", "auto"):
@@ -99,7 +99,7 @@ def test_each_seed_of_a_multi_seed_run_equals_its_single_run(make_config, tmp_pa
 
 def test_a_killed_multi_seed_run_resumes_to_the_same_results(make_config, tmp_path, crash_at_save):
     c = make_config("split_digits:method=si", num_tasks=2, epochs=1, data__classes_per_task=3, seeds="(1, 2)",
-                    checkpoint__every_steps=5, loop__steps_per_call=3)  # 10 saves a run
+                    checkpoint__every_steps=7, loop__steps_per_call=3)  # 7 saves a run, mid-chunk
     full = jaxcl.run(c, tmp_path / "full", echo=quiet)
     crash_at_save(lambda: jaxcl.run(c, tmp_path / "cut", echo=quiet), 4)
     resumed = jaxcl.run(c, tmp_path / "cut", resume=True, echo=quiet)
