@@ -67,53 +67,75 @@ def test_a_conv_models_train_call_has_no_convolution_inside_control_flow_on_cpu(
     assert S.chunk == "scan" and total >= 4 and inside == total
     # and a dense model keeps the scan: a dot inside a loop is not slow
     assert train.setup(make_config("split_digits:method=finetune")).chunk == "scan"
-
-
-def test_the_unrolled_chunk_and_the_run_map_train_on_the_same_numbers_as_scan_and_vmap(make_config, tmp_path):
-    """Two seeds of a conv model, the same K (so the same chunks, padding included): the
-    rolled chunk vmapped over the seeds (loop.chunk=scan, loop.run_axis=vmap, which
-    test_loop.py checks against single runs) against what auto picks on CPU (unrolled,
-    map): the same accuracy matrices, logged losses and final state. The seeds' streams
-    differ in length, so the shorter run's padding steps are masked."""
-    out = {}
-    for kind, loop in (("scan", {"loop__chunk": "scan", "loop__run_axis": "vmap"}), ("auto", {})):
-        out[kind] = jaxcl.run(make_config("split_digits:method=finetune", seeds="(0, 2)", **loop, **MAP_SETS, **CNN),
-                              tmp_path / kind, echo=quiet)
-    assert [out["auto"]["runs"][0][k] for k in ("loop_chunk", "run_axis")] == ["unrolled", "map"]
-    batches = [x["stream"]["train_sizes"][0] // 10 for x in out["auto"]["runs"]]
-    assert batches[0] != batches[1]  # the runs really have different numbers of batches
-    for r in ("seed_0", "seed_2"):
-        a, b = _train_rows(tmp_path / "scan" / r), _train_rows(tmp_path / "auto" / r)
-        assert [x["step"] for x in a] == [x["step"] for x in b]
-        np.testing.assert_allclose([x["loss"] for x in b], [x["loss"] for x in a], rtol=1e-4)
-    chex.assert_trees_all_close([x["accuracy_matrix"] for x in out["auto"]["runs"]],
-                                [x["accuracy_matrix"] for x in out["scan"]["runs"]], atol=0.005)
-    chex.assert_trees_all_close(_final_state(tmp_path / "auto")["params"],
-                                _final_state(tmp_path / "scan")["params"], atol=1e-4, rtol=1e-4)
+    # several seeds of a conv model: one run's program for each in turn (map_runs below checks their numbers on the MLP)
+    S = train.setup(make_config("split_digits:method=finetune", seeds="(0, 2)", **CNN))
+    assert (S.chunk, S.run_axis) == ("unrolled", "map")
 
 
 MAP_SETS = dict(loop__steps_per_call=4, log__every_steps=3, data__shuffle_classes="true", batch_size=10,
-                data__augment="true", checkpoint__every_steps=7)
+                data__augment="true", checkpoint__every_steps=7, num_tasks=2, epochs=1)
+UNROLLED_MAP = {"loop__chunk": "unrolled", "loop__run_axis": "map"}  # what auto picks for a conv model on CPU
 
 
-def test_each_seed_of_a_mapped_run_is_its_single_run_bit_for_bit(make_config, tmp_path):
+@pytest.fixture(scope="module")
+def map_runs(tmp_path_factory):
+    """Two seeds of the MLP mapped (loop.run_axis=map) with the rolled chunk
+    (loop.chunk=scan) and with the unrolled one, and seed 2 alone (scan). The chunk and
+    run axis are model-independent code (the MLP compiles in a fraction of the cnn's time;
+    the first test checks that auto picks them for a conv model)."""
+    import jaxcl.config as config_lib
+
+    def make(**sets):
+        values = {"log.progress": "false", "log.plots": "false", "log.tensorboard": "false"}
+        values.update({k.replace("__", "."): str(v) for k, v in {**MAP_SETS, **sets}.items()})
+        return config_lib.override(jaxcl.get_config("split_digits:method=finetune"),
+                                   [f"{k}={v}" for k, v in values.items()])
+
+    tmp = tmp_path_factory.mktemp("map_runs")
+    out = {"scan": jaxcl.run(make(seeds="(0, 2)", loop__chunk="scan", loop__run_axis="map"), tmp / "scan", echo=quiet),
+           "map": jaxcl.run(make(seeds="(0, 2)", **UNROLLED_MAP), tmp / "map", echo=quiet),
+           "single": jaxcl.run(make(seed=2, loop__chunk="scan"), tmp / "single", echo=quiet)}
+    return tmp, out
+
+
+def test_the_unrolled_chunk_and_the_run_map_train_on_the_same_numbers_as_scan_and_vmap(map_runs):
+    """Two seeds, the same K (so the same chunks, padding included), mapped: the unrolled
+    chunk against the rolled one: the same accuracy matrices, logged losses and final
+    state. The seeds' streams differ in length, so the shorter run's padding steps are
+    masked (unrolled) where the scan skips them. The mapped scan is each seed's single run
+    bit for bit (next test), and test_loop.py checks the vmapped runs against single runs:
+    the unrolled map computes what the vmapped scan does."""
+    tmp, out = map_runs
+    assert [out["map"]["runs"][0][k] for k in ("loop_chunk", "run_axis")] == ["unrolled", "map"]
+    assert [out["scan"]["runs"][0][k] for k in ("loop_chunk", "run_axis")] == ["scan", "map"]
+    batches = [x["stream"]["train_sizes"][0] // 10 for x in out["map"]["runs"]]
+    assert batches[0] != batches[1]  # the runs really have different numbers of batches
+    for r in ("seed_0", "seed_2"):
+        a, b = _train_rows(tmp / "scan" / r), _train_rows(tmp / "map" / r)
+        assert [x["step"] for x in a] == [x["step"] for x in b]
+        np.testing.assert_allclose([x["loss"] for x in b], [x["loss"] for x in a], rtol=1e-4)
+    chex.assert_trees_all_close([x["accuracy_matrix"] for x in out["map"]["runs"]],
+                                [x["accuracy_matrix"] for x in out["scan"]["runs"]], atol=0.005)
+    chex.assert_trees_all_close(_final_state(tmp / "map")["params"], _final_state(tmp / "scan")["params"],
+                                atol=1e-4, rtol=1e-4)
+
+
+def test_each_seed_of_a_mapped_run_is_its_single_run_bit_for_bit(map_runs):
     """With loop.run_axis=map each seed runs one run's program: the same accuracy matrix
-    and logged rows as its single run, bit for bit (on the MLP: the cnn's two programs
-    agree bit for bit only under XLA's full optimisation, which the test session turns
-    off to halve its compile time; the previous test checks the cnn's map against vmap)."""
-    sets = dict(MAP_SETS, num_tasks=2, epochs=1)
-    multi = jaxcl.run(make_config("split_digits:method=finetune", seeds="(0, 2)", loop__run_axis="map", **sets),
-                      tmp_path / "map", echo=quiet)
-    single = jaxcl.run(make_config("split_digits:method=finetune", seed=2, **sets), tmp_path / "single", echo=quiet)
+    and logged rows as its single run, bit for bit (with the rolled chunk: the unrolled
+    map's programs agree with one run's bit for bit only under XLA's full optimisation,
+    which the test session turns off to halve its compile time, as the cnn's do)."""
+    tmp, out = map_runs
+    multi, single = out["scan"], out["single"]
     assert multi["runs"][1]["run_axis"] == "map" and multi["runs"][1]["seed"] == 2
     assert single["accuracy_matrix"] == multi["runs"][1]["accuracy_matrix"]
-    assert _train_rows(tmp_path / "single") == _train_rows(tmp_path / "map" / "seed_2")
+    assert _train_rows(tmp / "single") == _train_rows(tmp / "scan" / "seed_2")
 
 
 def test_the_nan_check_names_the_exact_step_inside_an_unrolled_chunk(make_config, tmp_path):
     """lr=1e30: step 0 is finite, step 1 is not (as with one step per call in test_loop)."""
     c = make_config("split_digits:method=finetune", optimizer__lr=1e30, loop__chunk="unrolled",
-                    loop__steps_per_call=3, **CNN)
+                    loop__steps_per_call=3)
     with pytest.raises(train.NonFiniteLossError, match="epoch 0: global step 1 "):
         jaxcl.run(c, tmp_path, echo=quiet)
 

@@ -28,7 +28,7 @@ import jaxcl
 from jaxcl import distributed
 
 METHODS = {  # small runs of the four kinds of state: regulariser, owner index, replay memory, calibration
-    "ewc": [],
+    "ewc": ["loop.steps_per_call=5"],  # CUT's K: the killed runs resume on one device with this program
     "packnet": [],
     "er": ["online=true", "batch_size=8"],
     "nccl": ["online=true", "batch_size=8", "method.inner_steps=2"],

@@ -36,7 +36,7 @@ def _train_rows(workdir):
 def test_host_and_device_paths_train_on_the_same_numbers(make_config, tmp_path, spec, sets):
     runs = {}
     for where in ("false", "true"):
-        c = make_config(spec, data__on_device=where, log__every_steps=3, **sets)
+        c = make_config(spec, data__on_device=where, log__every_steps=3, num_tasks=2, epochs=1, **sets)
         runs[where] = jaxcl.run(c, tmp_path / where, echo=quiet)
     assert runs["false"]["data_path"] == "host" and runs["true"]["data_path"] == "device"
     chex.assert_trees_all_close(runs["true"]["accuracy_matrix"], runs["false"]["accuracy_matrix"], atol=1e-6)
@@ -50,7 +50,7 @@ def test_steps_per_call_changes_neither_results_nor_logs(make_config, tmp_path):
     out = {}
     for k in ("1", "5", "auto"):
         c = make_config("split_digits:method=ewc", loop__steps_per_call=k, log__every_steps=4,
-                        checkpoint__every_steps=9, num_tasks=3)  # 3 tasks: each run was 24 Orbax saves
+                        checkpoint__every_steps=27, num_tasks=2)  # a save cuts a chunk short; 2 saves a run
         out[k] = jaxcl.run(c, tmp_path / k, echo=quiet)
     assert out["1"]["steps_per_call"] == 1 and out["5"]["steps_per_call"] == 5 and out["auto"]["steps_per_call"] > 5
     for k in ("5", "auto"):
@@ -78,11 +78,11 @@ def _seed_matrices(summary):
     ("split_digits:method=ewc", {}),
     ("split_digits:method=packnet", {}),  # per-seed pruning
     ("split_digits:method=er", {"data__stream": "permuted", "scenario": "domain", "data__classes_per_task": 10,
-                                "num_tasks": 3, "online": "true", "batch_size": 10}),  # per-seed stream, replay
+                                "num_tasks": 2, "online": "true", "batch_size": 10}),  # per-seed stream, replay
 ])
 def test_each_seed_of_a_multi_seed_run_equals_its_single_run(make_config, tmp_path, spec, sets):
     seeds = (0, 3)
-    sets = {"epochs": 1, "num_tasks": 3, **sets}
+    sets = {"epochs": 1, "num_tasks": 2, **sets}
     multi = jaxcl.run(make_config(spec, seeds=str(seeds), **sets), tmp_path / "multi", echo=quiet)
     assert multi["seeds"] == list(seeds) and multi["runs_in_program"] == 2
     for s in seeds:
@@ -98,8 +98,8 @@ def test_each_seed_of_a_multi_seed_run_equals_its_single_run(make_config, tmp_pa
 
 
 def test_a_killed_multi_seed_run_resumes_to_the_same_results(make_config, tmp_path, crash_at_save):
-    c = make_config("split_digits:method=si", num_tasks=3, data__classes_per_task=3, seeds="(1, 2)",
-                    checkpoint__every_steps=5, loop__steps_per_call=3)
+    c = make_config("split_digits:method=si", num_tasks=2, epochs=1, data__classes_per_task=3, seeds="(1, 2)",
+                    checkpoint__every_steps=7, loop__steps_per_call=3)  # 7 saves a run, mid-chunk
     full = jaxcl.run(c, tmp_path / "full", echo=quiet)
     crash_at_save(lambda: jaxcl.run(c, tmp_path / "cut", echo=quiet), 4)
     resumed = jaxcl.run(c, tmp_path / "cut", resume=True, echo=quiet)
@@ -111,7 +111,7 @@ def test_a_killed_multi_seed_run_resumes_to_the_same_results(make_config, tmp_pa
 def test_report_reads_multi_seed_workdirs(make_config, tmp_path, capsys):
     from jaxcl import cli
 
-    jaxcl.run(make_config("split_digits:method=finetune", seeds="(0, 1)", epochs=1, log__plots="true"),
+    jaxcl.run(make_config("split_digits:method=finetune", seeds="(0, 1)", epochs=1, num_tasks=2, log__plots="true"),
               tmp_path / "m", echo=quiet)
     for d in ("m", "m/seed_0", "m/seed_1"):
         assert (tmp_path / d / "accuracy_matrix.png").stat().st_size > 1000

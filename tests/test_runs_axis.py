@@ -36,8 +36,12 @@ FAMILIES = {  # one method per family: its sets on top of SHORT
 COLLECTIVE = re.compile(r" (all-reduce|all-gather|collective-permute|all-to-all|reduce-scatter)(-start)?\(")
 
 # One process of 4 devices runs every single-process case (argv: out dir) and prints one
-# "RESULT {json}" line per case: the HLO of the train step of every family and layout,
-# the results of 1 and 2 run groups, and a run killed at a save and resumed.
+# "RESULT {json}" line per case: the results of 1 and 2 run groups, a run killed at a save
+# and resumed on 2 run groups and on one device, and the HLO of the train step of every
+# family and layout. The compiles are shared: the HLO of ewc, packnet and er is that of
+# the train calls their 2-group runs made (the same program, read back from the compile
+# cache), and the killed ewc run is the 2-group run of the results (the same config),
+# resumed onto one device with the 1-group run's program.
 SCRIPT = """
     import jax, jax.numpy as jnp, numpy as np
     import jaxcl
@@ -53,27 +57,20 @@ SCRIPT = """
     def config(name, *sets):
         return C.override(jaxcl.get_config(f"split_digits:method={name}"), SHORT + FAMILIES.get(name, []) + list(sets))
 
-    def hlo(S):
-        # the compiled train chunk of every phase of task 0, as XLA's text
+    def hlo(S, case):
+        # the compiled train chunk of every phase of task 0 (the run's K: the run's program), as XLA's text
         state = train._init_fn(S)(train._keys(S))
-        B = S.config.batch_size
-        xs = S.feed.train_items(S.pool_tasks(0), [np.arange(B)] * S.R, range(2), B, 2)
+        B, K = S.config.batch_size, S.steps_per_call
+        xs = S.feed.train_items(S.pool_tasks(0), [np.arange(B)] * S.R, range(K), B, K)
         xs = train._items(S, xs, 2)
         paths = {}
         for ph in S.method.phases(0):
-            paths[ph.name] = f"{out}/{S.config.method.name}_{S.mesh.shape['runs']}_{ph.name}.hlo"
+            paths[ph.name] = f"{out}/{case}_{ph.name}.hlo"
             text = S.fns["train"](ph.name).lower(state, S.src.get("train"), xs, jnp.int32(0)).compile().as_text()
             open(paths[ph.name], "w").write(text)
         return paths
 
-    for name in FAMILIES:  # every family, 4 runs on 4 run groups of one device
-        S = train.setup(config(name, "seeds=(0,1,2,3)", "mesh.runs=4", "mesh.data=1"))
-        emit(what="hlo", case=name, hlo=hlo(S), group=1)
-    for runs, data in ((2, 2), (1, 4)):  # groups of 2 devices; and the control: one group of 4
-        S = train.setup(config("ewc", "seeds=(0,1,2,3)", f"mesh.runs={runs}", f"mesh.data={data}"))
-        emit(what="hlo", case=f"ewc_runs{runs}_data{data}", hlo=hlo(S), group=data)
-
-    cases = {"ewc": ["seeds=(0,1)", "sweep=('method.ewc_lambda=1,1000',)"], "packnet": ["seeds=(0,1)"],
+    cases = {"ewc": EWC, "packnet": ["seeds=(0,1)"],
              "er": ["seeds=(0,1)"]}
     for name, sets in cases.items():
         for runs in (1, 2):
@@ -85,9 +82,16 @@ SCRIPT = """
             emit(what="results", case=name, runs=runs, workdir=f"{out}/{name}{runs}", devices=r["devices"],
                  state_bytes=r["state_bytes"], src=src, per_run=S.feed.per_run,
                  matrices=[[x["setting"], x["seed"], x["accuracy_matrix"]] for x in r["runs"]])
+        # the runs on 2 run groups of one device each
+        emit(what="hlo", case=name, hlo=hlo(S, name), group=1, runs=S.R)
+    for name in ("clr", "nccl", "rescl"):  # the other families, the same layout
+        S = train.setup(config(name, "seeds=(0,1)", "mesh.runs=2", "mesh.data=1"))
+        emit(what="hlo", case=name, hlo=hlo(S, name), group=1, runs=S.R)
+    for runs, data in ((2, 2), (1, 4)):  # groups of 2 devices; and the control: one group of 4
+        S = train.setup(config("ewc", "seeds=(0,1)", f"mesh.runs={runs}", f"mesh.data={data}"))
+        emit(what="hlo", case=f"ewc_runs{runs}_data{data}", hlo=hlo(S, f"ewc_runs{runs}_data{data}"), group=data)
 
-    c = config("ewc", *EWC, "mesh.runs=2", "mesh.data=1")
-    full = jaxcl.run(c, f"{out}/full", echo=lambda s: None)
+    c = config("ewc", *cases["ewc"], "mesh.runs=2", "mesh.data=1")  # the ewc run of 2 groups above
     saves = die_at_save(4, lambda: jaxcl.run(c, f"{out}/cut", echo=lambda s: None))
     import shutil
     shutil.copytree(f"{out}/cut", f"{out}/cut_one_group")
@@ -95,20 +99,19 @@ SCRIPT = """
     # the checkpoint holds global arrays: it may continue on another layout (one device)
     other = jaxcl.run(C.override(c, ["mesh.runs=1"]), f"{out}/cut_one_group", resume=True, echo=lambda s: None)
     states = []
-    for d in ("full", "cut"):
+    for d in ("ewc2", "cut"):
         import orbax.checkpoint as ocp
         ck = Checkpointer(f"{out}/{d}/checkpoints")
         st = ocp.StandardCheckpointer().restore(ck.directory / str(ck.latest()) / "state")
         states.append([np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(st)])
-    emit(what="resume", full=[x["accuracy_matrix"] for x in full["runs"]],
-         resumed=[x["accuracy_matrix"] for x in resumed["runs"]], states_equal=states[0] == states[1],
+    emit(what="resume", resumed=[x["accuracy_matrix"] for x in resumed["runs"]], states_equal=states[0] == states[1],
          other=[x["accuracy_matrix"] for x in other["runs"]], other_mesh=other["devices"]["mesh"],
          saves_before_crash=saves)
 """
-# ewc killed at a save and resumed, here on 4 devices and in the 2-process job below
-EWC_RESUME = ["method.ewc_lambda=100", "seeds=(1,2)", "checkpoint.every_steps=5", "loop.steps_per_call=3",
-              "data.classes_per_task=3", "num_tasks=3"]
-SCRIPT = SCRIPT % (json.dumps(FAMILIES), SHORT, EWC_RESUME)
+# ewc killed at its 4th save (of 7) and resumed, here on 4 devices and in the 2-process job below
+EWC_RESUME = ["checkpoint.every_steps=5", "loop.steps_per_call=3"]
+EWC_CASE = ["seeds=(0,1)", "sweep=('method.ewc_lambda=1,1000',)", *EWC_RESUME]
+SCRIPT = SCRIPT % (json.dumps(FAMILIES), SHORT, EWC_CASE)
 
 
 @pytest.fixture(scope="module")
@@ -200,10 +203,11 @@ def test_replica_group_spellings_are_read():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_with_one_device_per_run_group_the_train_step_has_no_collective(hlo, family):
-    """4 runs over mesh.runs=4 x data=1: every phase's train step of every method family
-    compiles to a program without a single collective (each group trains its run alone)."""
+    """The runs over mesh.runs=2 x data=1 (ewc: its 4 runs of sweep x seeds, 2 a group; the
+    others 2 seeds): every phase's train step of every method family compiles to a program
+    without a single collective (each group trains its runs alone)."""
     phases = _texts(hlo[family])
-    assert phases
+    assert phases and hlo[family]["runs"] == (4 if family == "ewc" else 2)
     for phase, text in phases.items():
         assert "shard_map" in text  # really the per-group program
         assert collectives(text) == [], (family, phase, collectives(text)[:3])
@@ -261,12 +265,13 @@ def test_per_seed_resident_streams_are_split_along_runs(results):
     assert "runs" not in spec and shard == shape
 
 
-def test_a_killed_run_split_over_run_groups_resumes_exactly(four):
+def test_a_killed_run_split_over_run_groups_resumes_exactly(four, results):
     (r,) = four["resume"]
+    full = [m[2] for m in results["ewc"][2]["matrices"]]  # the same config, never killed
     assert r["saves_before_crash"] == 4
-    assert r["resumed"] == r["full"] and r["full"][0] != r["full"][1]
+    assert r["resumed"] == full and full[0] != full[1]
     assert r["states_equal"]
-    assert r["other_mesh"]["runs"] == 1 and r["other"] == r["full"]  # resumed onto one device: the same results
+    assert r["other_mesh"]["runs"] == 1 and r["other"] == full  # resumed onto one device: the same results
 
 
 # ----------------------------------------------------------------------------- several processes
@@ -292,13 +297,13 @@ MP_JOB = """
     emit(process=me, case="er", matrices=[m["accuracy_matrix"] for m in r["runs"]], devices=r["devices"],
          local_src=[list(s.data.shape) for s in x.addressable_shards], global_src=list(x.shape),
          local_runs=list(made[-1].feed.local_runs))
-    c = C.override(jaxcl.get_config("split_digits:method=ewc"), SHORT + EWC + ["mesh.runs=2"])
+    c = C.override(jaxcl.get_config("split_digits:method=ewc"), SHORT + EWC + ["mesh.runs=2"])  # 4 runs
     saves = die_at_save(4, lambda: jaxcl.run(c, f"{out}/ewc", echo=lambda s: None))  # both processes alike
     said = []
     r = jaxcl.run(c, f"{out}/ewc", resume=True, echo=said.append)
     emit(process=me, case="ewc", matrices=[m["accuracy_matrix"] for m in r["runs"]], devices=r["devices"],
          saves_before_crash=saves, resumed=any(s.startswith("resuming from") for s in said))
-""" % (json.dumps(FAMILIES), SHORT, EWC_RESUME)
+""" % (json.dumps(FAMILIES), SHORT, EWC_CASE)
 
 
 @pytest.fixture(scope="module")
@@ -327,15 +332,15 @@ def test_two_processes_each_feed_their_own_runs_and_match_one_device(two_process
         assert saved["train_steps"] > 0 and saved["params"]["backbone"] > 0
 
 
-def test_two_processes_killed_at_a_save_resume_exactly(two_processes, four):
+def test_two_processes_killed_at_a_save_resume_exactly(two_processes, results):
     _, res = two_processes
     ewc = [x for x in res if x["case"] == "ewc"]
     assert {x["process"] for x in ewc} == {0, 1}
     assert [x["saves_before_crash"] for x in ewc] == [4, 4]  # both died at their 4th save
     assert [x["resumed"] for x in sorted(ewc, key=lambda x: x["process"])] == [True, False]  # process 0 talks
-    (r,) = four["resume"]
-    # the run uninterrupted, and resumed on one device (test_a_killed_run_split_... checks both equal)
-    assert ewc[0]["matrices"] == r["full"] == r["other"]
+    # the run uninterrupted on 2 run groups of one process (test_a_killed_run_split_... checks it
+    # against the run killed and resumed there, on 2 groups and on one device)
+    assert ewc[0]["matrices"] == [m[2] for m in results["ewc"][2]["matrices"]]
     assert ewc[1]["matrices"] == ewc[0]["matrices"]
 
 
