@@ -10,9 +10,17 @@ from jaxcl import config as config_lib
 from jaxcl import data, methods, models
 from jaxcl.checkpoint import graft, load_state
 from jaxcl.methods import clr
-from jaxcl.models import _MODELS, layers
+from jaxcl.models import layers
 
+from _tc_models import TINY_3X3_CHANNELS, TINY_ALL_CHANNELS, TINY_CONVS, make_tiny, tiny_resnet
 from test_packnet import restore_all
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """``model.name=tiny_resnet`` (see _tc_models.py) for this module's runs."""
+    with tiny_resnet() as name:
+        yield name
 
 
 @pytest.mark.parametrize("model,shape,outputs", [("resnet18_cifar", (32, 32, 3), 10), ("resnet18", (224, 224, 3), 1000)])
@@ -33,8 +41,10 @@ def test_resnet50_counts_and_shares():
 
 @pytest.mark.parametrize("variant", ["reduced", "full", "reduced_v2"])
 def test_at_initialisation_clr_computes_exactly_what_the_backbone_computes(variant):
-    plain = _MODELS["reduced_resnet18"](width=8, num_heads=3, num_outputs=4)
-    x = jax.random.normal(jax.random.PRNGKey(0), (6, 16, 16, 3))
+    # any ResNet: a 3x3 conv, a strided block, a 1x1 shortcut (reprogrammed by `full` and
+    # `reduced_v2` only) and batch norm; the reduced ResNet-18's sizes: the count tests above
+    plain = make_tiny(num_heads=3, num_outputs=4)
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 8, 3))
     vp = plain.init(jax.random.PRNGKey(1), x)
     vp = {"params": vp["params"], "batch_stats": jax.tree_util.tree_map(lambda s: s + 0.3, vp["batch_stats"])}
     wrapped = plain.clone(conv=functools.partial(clr.CLRConv, num_tasks=3, variant=variant),
@@ -50,27 +60,29 @@ def test_at_initialisation_clr_computes_exactly_what_the_backbone_computes(varia
 
 
 @pytest.fixture(scope="module")
-def clr_run(tmp_path_factory):
-    """A trunk pretrained on all 10 digits, then CLR over 3 tasks (Adam, L2-norm penalty)."""
+def clr_run(tmp_path_factory, tiny):
+    """A trunk pretrained on all 10 digits, then CLR over 3 tasks (Adam, L2-norm penalty):
+    (config, workdir, results, pretrained workdir, and restore_all's stream, method and
+    states, read by both tests below)."""
     from conftest import _quiet
 
     pre = tmp_path_factory.mktemp("pre")
-    arch = ["model.name=reduced_resnet18", "model.width=4"]  # the width of test_l2_penalty...
+    arch = [f"model.name={tiny}"]  # the model of test_l2_penalty...
     cp = config_lib.override(jaxcl.get_config("split_digits:method=finetune"), _quiet(
         **{"num_tasks": 1, "data.classes_per_task": 10, "scenario": "class", "epochs": 3}) + arch)
     jaxcl.run(cp, pre, echo=lambda s: None)
     wd = tmp_path_factory.mktemp("clr")
     c = config_lib.override(jaxcl.get_config("split_digits:method=clr"), _quiet(
-        **{"num_tasks": 3, "epochs": 2, "optimizer.name": "adam", "optimizer.lr": 1e-3, "method.l2": 1e-3,
+        **{"num_tasks": 3, "epochs": 2, "optimizer.name": "adam", "optimizer.lr": 3e-3, "method.l2": 1e-3,
            "model.pretrained": str(pre), "checkpoint.keep": 5}) + arch)
-    return c, wd, jaxcl.run(c, wd, echo=lambda s: None), pre
+    r = jaxcl.run(c, wd, echo=lambda s: None)
+    return (c, wd, r, pre) + restore_all(c, wd)
 
 
 def test_old_tasks_bitwise_and_backbone_bitwise_unchanged(clr_run):
-    c, wd, r, pre = clr_run
+    c, wd, r, pre, stream, m, states = clr_run
     R = np.asarray(r["accuracy_matrix"])
     assert r["bwt"] == 0.0 and (R[1:, 0] == R[0, 0]).all() and np.diag(R).min() > 0.9
-    stream, m, states = restore_all(c, wd)
     predict = jax.jit(m.predict)
     x = jnp.asarray(next(data.batches(data.pool(stream, 0, "test"), 64))["x"])
     first = np.asarray(predict(states[0], x, jnp.int32(0)))
@@ -81,7 +93,7 @@ def test_old_tasks_bitwise_and_backbone_bitwise_unchanged(clr_run):
     final = states[-1].params["params"]
     convs = [(p, w) for p, w in jax.tree_util.tree_flatten_with_path(final)[0] if p[-1].key == "kernel"
              and p[0].key != "head"]
-    assert len(convs) == 20
+    assert len(convs) == TINY_CONVS
     for p, w in convs:
         ref = src
         for k in p:
@@ -91,12 +103,14 @@ def test_old_tasks_bitwise_and_backbone_bitwise_unchanged(clr_run):
     for a, b in zip(jax.tree_util.tree_leaves(states[0].params["clr"]), jax.tree_util.tree_leaves(states[-1].params["clr"])):
         np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0])
     rep = r["method_report"]
-    assert rep["variant"] == "reduced" and rep["clr_per_task"] == 2196 and rep["bn_per_task"] == 600  # width 4: half of width 8's 4392, 1200
+    # a 3x3 depthwise kernel after every 3x3 conv, none after the 1x1 shortcut; a scale and a
+    # bias per channel of every batch norm
+    assert rep["variant"] == "reduced" and rep["clr_per_task"] == 9 * TINY_3X3_CHANNELS
+    assert rep["bn_per_task"] == 2 * TINY_ALL_CHANNELS
 
 
 def test_mixed_task_batch_equals_per_task_predictions(clr_run):
-    c, wd, _, _ = clr_run
-    stream, m, states = restore_all(c, wd)
+    c, wd, _, _, stream, m, states = clr_run
     p = data.pool(stream, [0, 1, 2], "test")
     b = next(data.batches(p, 48, data.epoch_order(len(p), 0, 3)))
     x, task = jnp.asarray(b["x"]), jnp.asarray(b["task"])
@@ -109,8 +123,8 @@ def test_mixed_task_batch_equals_per_task_predictions(clr_run):
         np.testing.assert_array_equal(mixed[sel].argmax(-1), alone.argmax(-1))
 
 
-def test_l2_penalty_is_the_sum_of_the_tasks_tensor_norms(make_config):
-    c = make_config("split_digits:method=clr", model__name="reduced_resnet18", model__width=4, method__l2=0.5)
+def test_l2_penalty_is_the_sum_of_the_tasks_tensor_norms(make_config, tiny):
+    c = make_config("split_digits:method=clr", model__name=tiny, method__l2=0.5)
     stream = data.build(c)
     m = methods.build(c, models.build(c.model, stream.info), stream.info)
     batch = next(data.batches(data.pool(stream, 1), 16))

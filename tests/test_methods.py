@@ -19,9 +19,10 @@ def setup(make_config, method, **sets):
 
 NEEDS = {"clr": {"model__name": "cnn", "model__width": 8}}  # settings a method needs to be built at all
 # the prompt and pretrained-model methods run on a ViT's token interface
-NEEDS.update({n: {"model__name": "vit_cifar", "model__width": 32} for n in methods.on_a_vit()})
-NEEDS["coda_prompt"]["method__layers"] = "(0, 1, 2, 3)"  # the papers' layers are a 12-block ViT's
-NEEDS["dualprompt"]["method__e_layers"] = "(2, 3)"
+# (2 blocks: the contract does not depend on depth, and each block is compile time)
+NEEDS.update({n: {"model__name": "vit_cifar", "model__width": 32, "model__depth": 2} for n in methods.on_a_vit()})
+NEEDS["coda_prompt"]["method__layers"] = "(0, 1)"  # the papers' layers are a 12-block ViT's
+NEEDS["dualprompt"].update(method__g_layers="(0,)", method__e_layers="(1,)")
 NEEDS["ranpac"]["method__projection"] = 64  # the paper's 10,000: ridge solves of 10^4 x 10^4 (minutes of CPU)
 
 
@@ -85,6 +86,9 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_is_the_sum_of_per_task_quadratics
     c, stream, model, m, state, batch = setup(make_config, "ewc", method__ewc_lambda=10.0)
     t0, t1, t2 = jnp.int32(0), jnp.int32(1), jnp.int32(2)
     rng = jax.random.PRNGKey(0)
+    # jitted: one compile each instead of op-by-op dispatch (a compile per op on a cold cache)
+    m = m._replace(loss=jax.jit(m.loss, static_argnums=5), consolidate=jax.jit(m.consolidate, static_argnums=3),
+                   after_phase=jax.jit(m.after_phase, static_argnums=2))
     fisher = lambda s: jax.tree_util.tree_map(lambda a: a / s.extra["count"], s.extra["acc"])  # noqa: E731
     # before any consolidated task the penalty is off, even away from the initial weights
     moved = jax.tree_util.tree_map(lambda p: p + 0.1, state.params)
@@ -110,7 +114,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_is_the_sum_of_per_task_quadratics
     assert float(aux["metrics"]["ewc_penalty"]) == pytest.approx(want, rel=1e-4)
     assert float(loss) == pytest.approx(float(aux["metrics"]["ce"]) + 10.0 * want, rel=1e-4)
     # and so is its gradient: 2 sum_k F_k (theta - a_k)
-    g = jax.grad(lambda p: m.loss(p, s, batch, t2, rng, "train")[1]["metrics"]["ewc_penalty"])(probe)
+    g = jax.jit(jax.grad(lambda p: m.loss(p, s, batch, t2, rng, "train")[1]["metrics"]["ewc_penalty"]))(probe)
     g_want = jax.tree_util.tree_map(lambda p, fa, aa, fb, ab: 2 * (fa * (p - aa) + fb * (p - ab)), probe, f0, a0, f1, a1)
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-8), g, g_want)
 
@@ -119,13 +123,15 @@ def test_ewc_batch_fisher_is_the_mean_squared_batch_gradient(make_config):
     c, stream, model, m, state, batch = setup(make_config, "ewc")
     b2 = next(data.batches(data.pool(stream, 0), 16, np.arange(len(data.pool(stream, 0)))[::-1]))
     t = jnp.int32(0)
-    s = m.after_phase(m.consolidate(m.consolidate(state, batch, t, "train"), b2, t, "train"), t, "train")
+    consolidate = jax.jit(m.consolidate, static_argnums=3)
+    s = jax.jit(m.after_phase, static_argnums=2)(consolidate(consolidate(state, batch, t, "train"), b2, t, "train"),
+                                                 t, "train")
 
     def ce(params, b):
         logits = model.apply({**params, **state.model_state}, b["x"], t, False)
         return base.cross_entropy(logits, b["y"], b["mask"])
 
-    g1, g2 = jax.grad(ce)(state.params, batch), jax.grad(ce)(state.params, b2)
+    g1, g2 = jax.jit(jax.grad(ce))(state.params, batch), jax.jit(jax.grad(ce))(state.params, b2)
     want = jax.tree_util.tree_map(lambda a, b: (a ** 2 + b ** 2) / 2, g1, g2)
     got = s.extra["importance"]  # after the first task: exactly F_0 ...
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), got, want)
@@ -137,12 +143,14 @@ def test_ewc_empirical_fisher_is_the_mean_of_per_sample_squared_gradients(make_c
     c, stream, model, m, state, batch = setup(make_config, "ewc", method__fisher="empirical")
     batch = dict(batch, mask=np.r_[np.ones(12), np.zeros(4)].astype(np.float32))  # 4 padded samples
     t = jnp.int32(0)
-    s = m.after_phase(m.consolidate(state, batch, t, "train"), t, "train")
+    s = jax.jit(m.after_phase, static_argnums=2)(jax.jit(m.consolidate, static_argnums=3)(state, batch, t, "train"),
+                                                 t, "train")
 
     def ce1(params, x, y):
         return base.cross_entropy(model.apply({**params, **state.model_state}, x[None], t, False), y[None])
 
-    gs = [jax.grad(ce1)(state.params, batch["x"][i], batch["y"][i]) for i in range(12)]
+    grad = jax.jit(jax.grad(ce1))
+    gs = [grad(state.params, batch["x"][i], batch["y"][i]) for i in range(12)]
     want = jax.tree_util.tree_map(lambda *g: sum(x ** 2 for x in g) / 12, *gs)
     got = s.extra["importance"]
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-10), got, want)
@@ -158,7 +166,7 @@ def test_joint_trains_on_mixed_task_batches_with_per_sample_heads(make_config):
     assert m.data == "cumulative"
     mixed = next(data.batches(data.pool(stream, [0, 1, 2]), 64, data.epoch_order(len(data.pool(stream, [0, 1, 2])), 0, 1)))
     assert len(set(mixed["task"].tolist())) > 1
-    g = jax.grad(lambda p: m.loss(p, state, mixed, jnp.int32(2), jax.random.PRNGKey(0), "train")[0])(state.params)
+    g = jax.jit(jax.grad(lambda p: m.loss(p, state, mixed, jnp.int32(2), jax.random.PRNGKey(0), "train")[0]))(state.params)
     head = np.asarray(g["params"]["head"]["kernel"])
     used = sorted(set(mixed["task"].tolist()))
     assert all(np.abs(head[k]).sum() > 0 for k in used) and np.abs(head[3:]).sum() == 0

@@ -8,6 +8,8 @@ from jaxcl import data, methods, models, optim, train
 from jaxcl.methods import _memory, nccl
 from jaxcl.models import _MODELS
 
+from _tc_models import make_tiny
+
 
 def built(make_config, **sets):
     sets = {"online": "true", "batch_size": 10, "scenario": "class", **sets}
@@ -30,9 +32,11 @@ def filled(state, stream, n=30, key=1):
     return state.replace(extra={**state.extra, "memory": mem})
 
 
-@pytest.mark.parametrize("name", ["mlp", "reduced_resnet18"])
+# resnet: _tc_models.py's 2-block ResNet (convs, a strided block, a 1x1 shortcut and batch
+# norm, as the reduced ResNet-18; its sizes: test_calibration_parameter_count_of_w4)
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
 def test_at_initial_calibration_the_model_is_the_plain_model(name):
-    plain = _MODELS[name](num_heads=1, num_outputs=5) if name == "mlp" else _MODELS[name](width=4, num_outputs=5)
+    plain = _MODELS[name](num_heads=1, num_outputs=5) if name == "mlp" else make_tiny(width=4, num_outputs=5)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
     v = plain.init(jax.random.PRNGKey(1), x)
     cal = nccl.calibrated(plain)

@@ -31,8 +31,11 @@ def test_clr_transfer_is_the_papers_setting():
 
 @pytest.mark.parametrize("name", ["packnet_finegrained", "clr_transfer"])
 def test_paper_config_runs_end_to_end_on_mock_data(name, tmp_path):
+    # a width-4 CNN and 2 datasets (the pipeline and the run do not depend on more)
     sets = ["log.progress=false", "log.plots=false", "log.tensorboard=false", "data.grain_workers=0",
-            "model.name=cnn", "model.width=0"] + (["method.retrain_epochs=0"] if name == "packnet_finegrained" else [])
+            "model.name=cnn", "model.width=4"] + (
+        ["method.retrain_epochs=0", "num_tasks=2", "data.datasets=('caltech_birds2011','cars196')"]
+        if name == "packnet_finegrained" else [])
     c = config_lib.override(jaxcl.get_config(f"{name}:runlocal=1"), sets)
     with tfds.testing.mock_data(num_examples=80):
         r = jaxcl.run(c, tmp_path, echo=lambda s: None)
