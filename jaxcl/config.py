@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0  # mlp and the ViTs (attention, MLP and residual dropout)
     c.model.width = 0  # resnets and cnn: base width (0: the model's own default)
     c.model.depth = 0  # the ViTs: blocks (0: the model's own, e.g. 12 for vit_b16)
+    c.model.stages = ()  # the ResNets: blocks per stage, e.g. (1, 1) (empty: the model's own, (2, 2, 2, 2) for resnet18)
     c.model.init = "torch"  # torch (PyTorch module defaults) | flax
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.pretrained = ""  # a jaxcl run (workdir) or a torchvision/timm .safetensors file: the trunk (all but the heads)
@@ -310,6 +311,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(isinstance(c.model.depth, int) and c.model.depth >= 0, f"model.depth: must be an integer >= 0, got {c.model.depth!r}")
     need(not c.model.depth or c.model.name in models.VITS,
          f"model.depth={c.model.depth}: only the ViTs ({', '.join(models.VITS)}) take a depth, not {c.model.name!r}")
+    stages = tuple(c.model.stages)
+    need(all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in stages),
+         f"model.stages: blocks per stage, integers >= 1, got {stages}")
+    need(not stages or c.model.name in models.RESNETS,
+         f"model.stages={stages}: only the ResNets ({', '.join(models.RESNETS)}) take stages, not {c.model.name!r}")
     need(c.data.train_limit >= 0 and c.data.test_limit >= 0, "data.train_limit/test_limit: must be >= 0")
     need(c.data.num_classes >= 0, f"data.num_classes: must be >= 0, got {c.data.num_classes}")
     need(str(c.data.on_device).lower() in ("auto", "true", "false"),

@@ -12,15 +12,8 @@ from jaxcl.checkpoint import graft, load_state
 from jaxcl.methods import clr
 from jaxcl.models import layers
 
-from _tc_models import TINY_3X3_CHANNELS, TINY_ALL_CHANNELS, TINY_CONVS, make_tiny, tiny_resnet
+from _small_resnet import TINY, TINY_3X3_CHANNELS, TINY_SETS, TINY_ALL_CHANNELS, TINY_CONVS, make_tiny
 from test_packnet import restore_all
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """``model.name=tiny_resnet`` (see _tc_models.py) for this module's runs."""
-    with tiny_resnet() as name:
-        yield name
 
 
 @pytest.mark.parametrize("model,shape,outputs", [("resnet18_cifar", (32, 32, 3), 10), ("resnet18", (224, 224, 3), 1000)])
@@ -60,14 +53,14 @@ def test_at_initialisation_clr_computes_exactly_what_the_backbone_computes(varia
 
 
 @pytest.fixture(scope="module")
-def clr_run(tmp_path_factory, tiny):
+def clr_run(tmp_path_factory):
     """A trunk pretrained on all 10 digits, then CLR over 3 tasks (Adam, L2-norm penalty):
     (config, workdir, results, pretrained workdir, and restore_all's stream, method and
     states, read by both tests below)."""
     from conftest import _quiet
 
     pre = tmp_path_factory.mktemp("pre")
-    arch = [f"model.name={tiny}"]  # the model of test_l2_penalty...
+    arch = TINY_SETS  # the model of test_l2_penalty...
     cp = config_lib.override(jaxcl.get_config("split_digits:method=finetune"), _quiet(
         **{"num_tasks": 1, "data.classes_per_task": 10, "scenario": "class", "epochs": 3}) + arch)
     jaxcl.run(cp, pre, echo=lambda s: None)
@@ -123,8 +116,8 @@ def test_mixed_task_batch_equals_per_task_predictions(clr_run):
         np.testing.assert_array_equal(mixed[sel].argmax(-1), alone.argmax(-1))
 
 
-def test_l2_penalty_is_the_sum_of_the_tasks_tensor_norms(make_config, tiny):
-    c = make_config("split_digits:method=clr", model__name=tiny, method__l2=0.5)
+def test_l2_penalty_is_the_sum_of_the_tasks_tensor_norms(make_config):
+    c = make_config("split_digits:method=clr", **TINY, method__l2=0.5)
     stream = data.build(c)
     m = methods.build(c, models.build(c.model, stream.info), stream.info)
     batch = next(data.batches(data.pool(stream, 1), 16))

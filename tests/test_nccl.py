@@ -8,7 +8,7 @@ from jaxcl import data, methods, models, optim, train
 from jaxcl.methods import _memory, nccl
 from jaxcl.models import _MODELS
 
-from _tc_models import make_tiny
+from _small_resnet import make_tiny
 
 
 def built(make_config, **sets):
@@ -32,7 +32,7 @@ def filled(state, stream, n=30, key=1):
     return state.replace(extra={**state.extra, "memory": mem})
 
 
-# resnet: _tc_models.py's 2-block ResNet (convs, a strided block, a 1x1 shortcut and batch
+# resnet: _small_resnet.py's 2-stage ResNet (convs, a strided block, a 1x1 shortcut and batch
 # norm, as the reduced ResNet-18; its sizes: test_calibration_parameter_count_of_w4)
 @pytest.mark.parametrize("name", ["mlp", "resnet"])
 def test_at_initial_calibration_the_model_is_the_plain_model(name):

@@ -9,7 +9,7 @@ from jaxcl import data, methods, models
 from jaxcl.checkpoint import Checkpointer
 from jaxcl.methods import packnet
 
-from _tc_models import TINY, tiny_resnet
+from _small_resnet import TINY
 
 
 def restore_all(config, workdir):
@@ -69,24 +69,18 @@ def test_schedule_parsing():
         packnet.schedule((1.0,), 3)
 
 
-# the ResNet: _tc_models.py's 2-block one (its 6 convs with strides, a 1x1 shortcut and
+# the ResNet: _small_resnet.py's 2-stage one (its 6 convs with strides, a 1x1 shortcut and
 # batch norm are what pruning and per-task batch norm touch; it compiles ~3x faster than
 # the reduced ResNet-18), 2 epochs a task (1 leaves its last task unlearned)
 MODELS = {
     "mlp": {"model__name": "mlp"},
-    "resnet-shared-bn": {"model__name": TINY, "epochs": 2},
-    "resnet-task-bn": {"model__name": TINY, "epochs": 2, "method__task_norm": "true"},
+    "resnet-shared-bn": {**TINY, "epochs": 2},
+    "resnet-task-bn": {**TINY, "epochs": 2, "method__task_norm": "true"},
 }
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    with tiny_resnet() as name:
-        yield name
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny):
+def runs(tmp_path_factory):
     """One 3-task PackNet run per model (SGD with momentum and weight decay), shared by
     the tests below: (config, workdir, results, restore_all's stream, method and states).
     One epoch a task for the MLP: every task is still learned (the diagonal is checked > 0.8)."""

@@ -7,13 +7,7 @@ import jaxcl
 from jaxcl import data, methods, models
 from jaxcl.methods import rescl
 
-from _tc_models import TINY, tiny_resnet
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    with tiny_resnet() as name:
-        yield name
+from _small_resnet import TINY
 
 
 def built(make_config, **sets):
@@ -34,13 +28,13 @@ def randomised(state, key):
     return state.replace(params=params, model_state=stats)
 
 
-# resnet-bn: _tc_models.py's 2-block ResNet (its strided block, 1x1 shortcut and batch norms
+# resnet-bn: _small_resnet.py's 2-stage ResNet (its strided block, 1x1 shortcut and batch norms
 # are what the merge folds; it compiles ~3x faster than the reduced ResNet-18)
-@pytest.mark.parametrize("model_sets", [{"model__name": "mlp"}, {"model__name": TINY, "model__width": 4},
+@pytest.mark.parametrize("model_sets", [{"model__name": "mlp"}, {**TINY, "model__width": 4},
                                         {"model__name": "cnn", "model__width": 4},
                                         {"model__name": "wrn28_2", "model__width": 4}],
                          ids=["mlp", "resnet-bn", "cnn", "wrn-preact"])
-def test_merged_network_computes_what_the_combined_network_computes(make_config, model_sets, tiny):
+def test_merged_network_computes_what_the_combined_network_computes(make_config, model_sets):
     c, stream, m, x = built(make_config, **model_sets)
     state = randomised(m.init(jax.random.PRNGKey(0), x), jax.random.PRNGKey(1))
     comb = rescl._clone(models.build(c.model, stream.info), "combined", (0.0, 0.0))
@@ -61,8 +55,8 @@ def test_merged_network_computes_what_the_combined_network_computes(make_config,
     assert rep["unmerged_network"] == rep["merged_network"] + rep["target_branch"] + rep["combination"]
 
 
-def test_with_zero_combination_the_combined_network_is_the_source(make_config, tiny):
-    c, stream, m, x = built(make_config, model__name=tiny, model__width=4, method__a_init=(0.0, 0.0))
+def test_with_zero_combination_the_combined_network_is_the_source(make_config):
+    c, stream, m, x = built(make_config, **{**TINY, "model__width": 4}, method__a_init=(0.0, 0.0))
     state = randomised(m.init(jax.random.PRNGKey(0), x), jax.random.PRNGKey(2))
     zero = jax.tree_util.tree_map(jnp.zeros_like, state.params["rescl"])
     params = {**state.params, "rescl": zero}
@@ -73,8 +67,8 @@ def test_with_zero_combination_the_combined_network_is_the_source(make_config, t
                                   src.apply({**params, **state.model_state}, x, t, False))
 
 
-def test_source_branch_keeps_the_plain_model_names(make_config, tiny):
-    c, stream, m, x = built(make_config, model__name=tiny, model__width=4)
+def test_source_branch_keeps_the_plain_model_names(make_config):
+    c, stream, m, x = built(make_config, **{**TINY, "model__width": 4})
     state = m.init(jax.random.PRNGKey(0), x)
     plain = jax.eval_shape(lambda: models.build(c.model, stream.info).init(jax.random.PRNGKey(0), x))["params"]
     source = {k: v for k, v in state.params["params"].items()}

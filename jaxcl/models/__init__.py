@@ -31,6 +31,7 @@ _MODELS = {
     **{name: _vit.variant(name) for name in _vit.VARIANTS},
 }
 VITS = tuple(_vit.VARIANTS)
+RESNETS = ("reduced_resnet18", "resnet18_cifar", "resnet18", "resnet34", "resnet50")  # model.stages
 
 DESCRIPTIONS = {
     "mlp": "MLP on flattened input (model.hidden, model.activation, model.dropout)",
@@ -71,9 +72,11 @@ def build(cfg_model, info, **overrides):
         kw.update(image_size=tuple(info.input_shape[:2]), dropout=cfg_model.dropout)
         if cfg_model.get("depth"):
             kw.update(depth=cfg_model.depth)
+    if name in RESNETS and getattr(cfg_model, "stages", ()):
+        kw.update(stage_sizes=tuple(cfg_model.stages))
     kw.update(overrides)
     return _MODELS[name](**kw)
 
 
 __all__ = ["BasicBlock", "Bottleneck", "CNN", "Conv", "ConvNorm", "DESCRIPTIONS", "Dense", "Heads", "MLP", "Norm",
-           "ResNet", "VGG", "VITS", "ViT", "LayerNorm", "WideResNet", "available", "build"]
+           "RESNETS", "ResNet", "VGG", "VITS", "ViT", "LayerNorm", "WideResNet", "available", "build"]
