@@ -16,10 +16,10 @@ def export_train_call(make_config, name, seeds):
     sets = {"data__classes_per_task": 2, "loop__chunk": "scan", "loop__run_axis": "vmap"}
     if name in ("clr", "sgd_ll"):
         sets["model__name"] = "cnn"  # a conv trunk to reprogram
-    if name in methods.on_a_vit():  # a ViT's token interface
-        sets.update(model__name="vit_cifar", model__width=32)
-        sets.update({"coda_prompt": {"method__layers": "(0, 1, 2, 3)"},
-                     "dualprompt": {"method__e_layers": "(2, 3)"},
+    if name in methods.on_a_vit():  # a ViT's token interface, on 2 blocks (model.depth; vit_cifar has 4)
+        sets.update(model__name="vit_cifar", model__width=32, model__depth=2)
+        sets.update({"coda_prompt": {"method__layers": "(0, 1)"},
+                     "dualprompt": {"method__g_layers": "(0,)", "method__e_layers": "(1,)"},
                      "ranpac": {"method__projection": 64}}.get(name, {}))  # not the paper's 10^4 x 10^4 Gram
     S = train.setup(make_config(f"split_digits:method={name}", seeds=seeds, loop__steps_per_call=2,
                                 data__on_device="true", **sets))

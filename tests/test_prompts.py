@@ -31,6 +31,12 @@ from conftest import optimized_xla
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PTM = tuple(methods.on_a_vit())
 QUIET = ["log.progress=false", "log.plots=false", "log.tensorboard=false"]
+# vit_cifar with 2 of its 4 blocks (model.depth), here and in every run below: the blocks are
+# alike, 2 hold a G- and an E-prompt block (DualPrompt) and prompts on more than one block
+# (CODA-Prompt); the runlocal layers of those two are fitted to it (LAYERS)
+DEPTH = 2
+LAYERS = {"dualprompt": {"method.g_layers": "(0,)", "method.e_layers": "(1,)"},
+          "coda_prompt": {"method.layers": "(0, 1)"}}
 
 
 # ----------------------------------------------------------------------------- against NumPy
@@ -58,7 +64,7 @@ def test_l2p_selection_is_numpy_top_k_of_cosine_similarities():
 def features_setup():
     """A vit_cifar, two class-incremental tasks of 3 classes on random images, and the
     model's features of every image."""
-    model = vit.variant("vit_cifar")(num_heads=1, num_outputs=6, classes_per_head=(6,))
+    model = vit.variant("vit_cifar")(num_heads=1, num_outputs=6, classes_per_head=(6,), depth=DEPTH)
     rng = np.random.default_rng(0)
     tasks = []
     for t in range(2):
@@ -144,8 +150,8 @@ def pretrained(tmp_path_factory):
         pytest.skip(f"real data not present at {SHARED_DATA}")
     workdir = tmp_path_factory.mktemp("pretrain")
     c = config_lib.override(jaxcl.get_config("pretrain"), QUIET + [
-        f"data.dir={SHARED_DATA}", "model.name=vit_cifar", "data.class_order=(0,1,2,3,4)", "data.classes_per_task=5",
-        "data.train_limit=2500", "data.test_limit=500", "epochs=3", "optimizer.name=adam", "optimizer.lr=1e-3",
+        f"data.dir={SHARED_DATA}", "model.name=vit_cifar", f"model.depth={DEPTH}", "data.class_order=(0,1,2,3,4)",
+        "data.classes_per_task=5", "data.train_limit=2500", "data.test_limit=500", "epochs=3", "optimizer.name=adam", "optimizer.lr=1e-3",
         "optimizer.momentum=0.0", "optimizer.weight_decay=0.0", "optimizer.schedule=constant",
         "data.augment=false", "checkpoint.every_steps=0"])
     with optimized_xla():
@@ -156,16 +162,17 @@ def pretrained(tmp_path_factory):
 
 def _cl_config(name, pretrained_dir, data_dir, **sets):
     """Class-incremental CIFAR-10 classes 5-8 in 2 tasks from the pretrained trunk, with
-    the runlocal settings of the paper config for ``name``."""
+    the runlocal settings of the paper config for ``name`` (its layers fitted to DEPTH)."""
     base = jaxcl.get_config(f"ptm_cifar100:runlocal=1,method={name}")
     values = {"data.name": "cifar10", "data.source": "npz", "data.dir": str(data_dir), "data.pipeline": "memory",
               "data.image_size": 0, "data.class_order": "(5,6,7,8)", "data.classes_per_task": 2, "num_tasks": 2,
               "data.train_limit": 400, "data.test_limit": 200, "data.allow_missing_classes": False, "epochs": 2,
-              "batch_size": 32, "model.pretrained": str(pretrained_dir), "checkpoint.keep": 3}
+              "batch_size": 32, "model.pretrained": str(pretrained_dir), "checkpoint.keep": 3,
+              "model.depth": DEPTH, **LAYERS.get(name, {})}
     if name == "finetune":
         values.update({"optimizer.name": "adam", "optimizer.lr": 1e-3, "optimizer.momentum": 0.0})
     if name == "coda_prompt":  # its head starts random (L2P's and DualPrompt's at zero): more steps to learn
-        values.update({"optimizer.lr": 1e-2, "epochs": 3})
+        values.update({"optimizer.lr": 1e-2, "epochs": 4})
     values.update(sets)
     return config_lib.override(base, QUIET + [f"{k}={v}" for k, v in values.items()])
 
@@ -269,7 +276,7 @@ def test_paper_config_runs_on_mock_tfds(config, name, tmp_path):
     import tensorflow_datasets as tfds
 
     c = config_lib.override(jaxcl.get_config(f"{config}:runlocal=1,method={name}"),
-                            QUIET + ["data.grain_workers=0", "num_tasks=2"])
+                            QUIET + ["data.grain_workers=0", "num_tasks=2", f"model.depth={DEPTH}"])
     with tfds.testing.mock_data(num_examples=1500):  # imagenet_r: 1500 x 0.8 x 200/1000 classes in 10 tasks
         r = jaxcl.run(c, tmp_path, echo=lambda s: None)
     assert r["data_path"] == "grain" and np.asarray(r["accuracy_matrix"]).shape == (2, 2)
