@@ -140,6 +140,109 @@ def test_ranpac_predictions_are_numpys_ridge_solution(features_setup):
         assert (got[:, n:] <= _ptm.NEG).all()
 
 
+@pytest.mark.filterwarnings("ignore::jaxcl.methods.base.UntrainedBackboneWarning")
+def test_simplecil_adapted_on_the_first_task_is_numpys_cosine_to_concatenated_class_means(features_setup):
+    """``adapt_epochs``: APER's first-session adaptation. Prompt tokens and head train on
+    task 1 only, the trunk stays bit-identical, and the prototypes and features are the
+    frozen model's feature next to the prompted model's."""
+    model, tasks, test_x = features_setup
+    method = jaxcl.method("simplecil", model, tasks[0][0], num_tasks=2, scenario="class", adapt_epochs=2,
+                          adapt_tokens=3)
+    assert [p.name for p in method.phases(0)] == ["adapt", "prototypes"] and method.phases(0)[0].epochs == 2
+    assert [p.name for p in method.phases(1)] == ["prototypes"]
+    loop = jaxcl.trainer(method, optax.sgd(0.5))
+    state = loop.init(jax.random.PRNGKey(0), tasks[0][0]["x"])
+    init_tokens = np.asarray(state.params["prompt"]["tokens"])
+    trunk = _trunk({"params": state.params})
+    feats = jax.jit(lambda p, x, prompts: model.apply({"params": p}, x, None, False, features=True, prompts=prompts))
+    for t, batches in enumerate(tasks):
+        state = loop.begin_task(state, t)
+        for phase in method.phases(t):
+            for _ in range(phase.epochs):
+                for b in batches:
+                    state, _ = loop.step(state, b, t, phase.name)
+            state = loop.end_phase(state, t, phase, batches)
+        if t == 0:
+            tokens = np.asarray(state.params["prompt"]["tokens"])
+            assert not np.array_equal(tokens, init_tokens)  # adapted on task 1
+        np.testing.assert_array_equal(np.asarray(state.params["prompt"]["tokens"]), tokens)  # then frozen
+        after = _trunk({"params": state.params})
+        for k in trunk:
+            np.testing.assert_array_equal(after[k], trunk[k], err_msg=k)
+
+        def f(x):
+            p = state.params["params"]
+            return np.concatenate([np.asarray(feats(p, x, None), np.float64),
+                                   np.asarray(feats(p, x, state.params["prompt"]["tokens"]), np.float64)], 1)
+
+        seen = [b for task in tasks[:t + 1] for b in task]
+        fx = np.concatenate([f(b["x"]) for b in seen])
+        y = np.concatenate([b["y"] for b in seen])
+        protos = np.stack([fx[y == c].mean(0) for c in range(3 * (t + 1))])
+        protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+        q = f(test_x)
+        ref = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ protos.T
+        got = np.asarray(loop.predict(state, test_x, t))
+        np.testing.assert_allclose(got[:, :3 * (t + 1)], ref, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::jaxcl.methods.base.UntrainedBackboneWarning")
+def test_ranpac_phase_one_adapts_on_the_first_task_and_solves_on_the_adapted_features(features_setup):
+    """RanPAC's Phase 1 (``adapt_epochs``): the ridge classifier of the prompted model's
+    features, prompt tokens trained on task 1 only."""
+    model, tasks, test_x = features_setup
+    m = 16
+    method = jaxcl.method("ranpac", model, tasks[0][0], num_tasks=2, scenario="class", projection=m, adapt_epochs=1)
+    loop = jaxcl.trainer(method, optax.sgd(0.5))
+    state = loop.init(jax.random.PRNGKey(0), tasks[0][0]["x"])
+    init_tokens = np.asarray(state.params["prompt"]["tokens"])
+    feats = jax.jit(lambda p, x, prompts: model.apply({"params": p}, x, None, False, features=True, prompts=prompts))
+    g, c = np.zeros((m, m)), np.zeros((m, 6))
+    for t, batches in enumerate(tasks):
+        state = loop.begin_task(state, t)
+        for phase in method.phases(t):
+            for _ in range(phase.epochs):
+                for b in batches:
+                    state, _ = loop.step(state, b, t, phase.name)
+            state = loop.end_phase(state, t, phase, batches)
+        assert not np.array_equal(np.asarray(state.params["prompt"]["tokens"]), init_tokens)
+        w_rand = np.asarray(state.extra["w_rand"], np.float64)
+        f = lambda x: np.asarray(feats(state.params["params"], x, state.params["prompt"]["tokens"]), np.float64)  # noqa: E731
+        h = np.maximum(np.concatenate([f(b["x"]) for b in batches]) @ w_rand, 0)
+        y = np.eye(6)[np.concatenate([b["y"] for b in batches])]
+        g, c = g + h.T @ h, c + h.T @ y
+        lam = float(state.extra["ridge"])
+        ref = np.maximum(f(test_x) @ w_rand, 0) @ np.linalg.solve(g + lam * np.eye(m), c)
+        n = 3 * (t + 1)
+        got = np.asarray(loop.predict(state, test_x, t))
+        np.testing.assert_allclose(got[:, :n], ref[:, :n], atol=1e-5 * max(1.0, np.abs(ref).max()))
+
+
+def test_the_prompt_methods_differentiate_only_what_they_train():
+    """The frozen trunk is behind stop_gradient in the loss (``_ptm.without_trunk_gradient``):
+    its weight gradients, a third of the backward pass, are never computed. Exactly the
+    leaves ``state.trainable`` trains get a gradient."""
+    model = vit.variant("vit_cifar")(num_heads=1, num_outputs=4, classes_per_head=(4,), depth=DEPTH)
+    x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+    batch = {"x": x, "y": np.array([0, 1, 0, 1], np.int32), "mask": np.ones(4, np.float32)}
+    layers = {"dualprompt": {"g_layers": (0,), "e_layers": (1,)}, "coda_prompt": {"layers": (0, 1)}}
+    for name in ("l2p", "dualprompt", "coda_prompt"):
+        m = jaxcl.method(name, model, batch, num_tasks=2, scenario="class", **layers.get(name, {}))
+        state = m.begin_task(m.init(jax.random.PRNGKey(0), x), jnp.int32(0))
+        inner = dict(state.params["params"])  # L2P's and DualPrompt's heads start at 0: nothing would flow back
+        inner["head"] = jax.tree_util.tree_map(lambda w: jax.random.normal(jax.random.PRNGKey(2), w.shape),
+                                               inner["head"])
+        state = state.replace(params={**state.params, "params": inner})
+        grads, _ = jax.grad(m.loss, has_aux=True)(state.params, state, batch, jnp.int32(0), jax.random.PRNGKey(1),
+                                                  m.phases(0)[0].name)
+        flags = dict(jax.tree_util.tree_flatten_with_path(state.trainable)[0])
+        for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+            if bool(np.any(flags[path])):
+                assert np.any(np.asarray(g) != 0), (name, jax.tree_util.keystr(path))
+            else:
+                assert not np.any(np.asarray(g)), f"{name}: the frozen {jax.tree_util.keystr(path)} has a gradient"
+
+
 # ----------------------------------------------------------------------------- real CIFAR-10
 
 
@@ -309,6 +412,9 @@ def test_settings_are_refused_by_name():
     with pytest.raises(config_lib.ConfigError, match="method.pool_size"):
         config_lib.validate(config_lib.override(jaxcl.get_config("ptm_cifar100:method=dualprompt"),
                                                 ["method.pool_size=5"]))
+    with pytest.raises(config_lib.ConfigError, match="method.adapt_epochs"):
+        config_lib.validate(config_lib.override(jaxcl.get_config("ptm_cifar100:method=ranpac"),
+                                                ["method.adapt_epochs=-1"]))
     model = vit.variant("vit_cifar")(num_heads=1, num_outputs=4, classes_per_head=(4,))
     with pytest.raises(config_lib.ConfigError, match="method.e_layers"):
         jaxcl.method("dualprompt", model, jnp.zeros((2, 32, 32, 3)), num_tasks=2, scenario="class", e_layers=(3, 9))
