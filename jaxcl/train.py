@@ -389,7 +389,7 @@ def _loop_kinds(S: Setup, conv_cpu: Callable[[], bool]) -> tuple[str, str]:
 
 
 def _step_has_convolution(config, method, tx, streams) -> bool:
-    batch = next(data.batches(data.pool(streams[0], 0, normalize=config.data.normalize), config.batch_size))
+    batch = _first_batch(config, streams)
     state = jax.eval_shape(_init_of(batch["x"])(method, tx), jax.random.PRNGKey(0))
     step = make_train_step(method, tx, config.data.augment)
     phase = method.phases(0)[0].name
@@ -559,9 +559,13 @@ def _items(S: Setup, tree, batch_axis: int):
 # ----------------------------------------------------------------------------- state
 
 
+def _first_batch(config, streams) -> dict:
+    """A batch of the first task (init's shapes)."""
+    return next(data.batches(data.pool(streams[0], 0, normalize=config.data.normalize), config.batch_size))
+
+
 def _sample(S: Setup) -> np.ndarray:
-    """A batch of inputs of the first task (init's shapes)."""
-    return next(data.batches(data.pool(S.streams[0], 0, normalize=S.config.data.normalize), S.config.batch_size))["x"]
+    return _first_batch(S.config, S.streams)["x"]
 
 
 def _make_init(S: Setup):

@@ -75,27 +75,36 @@ def features_setup():
     return model, tasks, test_x
 
 
-def _run_api(name, model, tasks, **settings):
-    method = jaxcl.method(name, model, tasks[0][0], num_tasks=2, scenario="class", **settings)
-    loop = jaxcl.trainer(method, optax.sgd(0.1))
-    state = loop.init(jax.random.PRNGKey(0), tasks[0][0]["x"])
-    states = []
+def _through_tasks(method, loop, state, tasks):
+    """Every task through the trainer (begin_task, each phase's epochs over the task's
+    batches, end_phase); yields each task's index and the state after it."""
     for t, batches in enumerate(tasks):
         state = loop.begin_task(state, t)
         for phase in method.phases(t):
-            assert phase.epochs == 0  # nothing is trained
+            for _ in range(phase.epochs):
+                for b in batches:
+                    state, _ = loop.step(state, b, t, phase.name)
             state = loop.end_phase(state, t, phase, batches)
-        states.append(state)
-    return loop, states
+        yield t, state
+
+
+def _run_api(name, model, tasks, **settings):
+    method = jaxcl.method(name, model, tasks[0][0], num_tasks=2, scenario="class", **settings)
+    assert all(phase.epochs == 0 for t in range(len(tasks)) for phase in method.phases(t))  # nothing is trained
+    loop = jaxcl.trainer(method, optax.sgd(0.1))
+    state = loop.init(jax.random.PRNGKey(0), tasks[0][0]["x"])
+    return loop, [state for _, state in _through_tasks(method, loop, state, tasks)]
 
 
 _FEATS = {}
 
 
-def _feats(model, state, x):
+def _feats(model, state, x, prompts=None):
+    """The model's feature of ``x`` (with ``prompts``: the prompted model's) in float64."""
     if model not in _FEATS:  # jitted: op by op, every primitive of the ViT is a compile of its own
-        _FEATS[model] = jax.jit(lambda p, x: model.apply({"params": p}, x, None, False, features=True))
-    return np.asarray(_FEATS[model](state.params["params"], x), np.float64)
+        _FEATS[model] = jax.jit(lambda p, x, prompts: model.apply({"params": p}, x, None, False, features=True,
+                                                                  prompts=prompts))
+    return np.asarray(_FEATS[model](state.params["params"], x, prompts), np.float64)
 
 
 def test_simplecil_predictions_are_numpys_cosine_to_class_means(features_setup):
@@ -154,14 +163,7 @@ def test_simplecil_adapted_on_the_first_task_is_numpys_cosine_to_concatenated_cl
     state = loop.init(jax.random.PRNGKey(0), tasks[0][0]["x"])
     init_tokens = np.asarray(state.params["prompt"]["tokens"])
     trunk = _trunk({"params": state.params})
-    feats = jax.jit(lambda p, x, prompts: model.apply({"params": p}, x, None, False, features=True, prompts=prompts))
-    for t, batches in enumerate(tasks):
-        state = loop.begin_task(state, t)
-        for phase in method.phases(t):
-            for _ in range(phase.epochs):
-                for b in batches:
-                    state, _ = loop.step(state, b, t, phase.name)
-            state = loop.end_phase(state, t, phase, batches)
+    for t, state in _through_tasks(method, loop, state, tasks):
         if t == 0:
             tokens = np.asarray(state.params["prompt"]["tokens"])
             assert not np.array_equal(tokens, init_tokens)  # adapted on task 1
@@ -171,9 +173,8 @@ def test_simplecil_adapted_on_the_first_task_is_numpys_cosine_to_concatenated_cl
             np.testing.assert_array_equal(after[k], trunk[k], err_msg=k)
 
         def f(x):
-            p = state.params["params"]
-            return np.concatenate([np.asarray(feats(p, x, None), np.float64),
-                                   np.asarray(feats(p, x, state.params["prompt"]["tokens"]), np.float64)], 1)
+            return np.concatenate([_feats(model, state, x), _feats(model, state, x, state.params["prompt"]["tokens"])],
+                                  1)
 
         seen = [b for task in tasks[:t + 1] for b in task]
         fx = np.concatenate([f(b["x"]) for b in seen])
@@ -196,18 +197,12 @@ def test_ranpac_phase_one_adapts_on_the_first_task_and_solves_on_the_adapted_fea
     loop = jaxcl.trainer(method, optax.sgd(0.5))
     state = loop.init(jax.random.PRNGKey(0), tasks[0][0]["x"])
     init_tokens = np.asarray(state.params["prompt"]["tokens"])
-    feats = jax.jit(lambda p, x, prompts: model.apply({"params": p}, x, None, False, features=True, prompts=prompts))
     g, c = np.zeros((m, m)), np.zeros((m, 6))
-    for t, batches in enumerate(tasks):
-        state = loop.begin_task(state, t)
-        for phase in method.phases(t):
-            for _ in range(phase.epochs):
-                for b in batches:
-                    state, _ = loop.step(state, b, t, phase.name)
-            state = loop.end_phase(state, t, phase, batches)
+    for t, state in _through_tasks(method, loop, state, tasks):
+        batches = tasks[t]
         assert not np.array_equal(np.asarray(state.params["prompt"]["tokens"]), init_tokens)
         w_rand = np.asarray(state.extra["w_rand"], np.float64)
-        f = lambda x: np.asarray(feats(state.params["params"], x, state.params["prompt"]["tokens"]), np.float64)  # noqa: E731
+        f = lambda x: _feats(model, state, x, state.params["prompt"]["tokens"])  # noqa: E731
         h = np.maximum(np.concatenate([f(b["x"]) for b in batches]) @ w_rand, 0)
         y = np.eye(6)[np.concatenate([b["y"] for b in batches])]
         g, c = g + h.T @ h, c + h.T @ y

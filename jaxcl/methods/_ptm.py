@@ -27,31 +27,26 @@ def check_model(model, method: str) -> None:
                          f"vit_ti16, vit_s16, vit_b16 or vit_l16); {type(model).__name__} has none")
 
 
+def _trains(path, head: bool) -> bool:
+    """Whether a prompt method trains the leaf at ``path``: its own collection, and the
+    heads when ``head``; never the model's other parameters."""
+    from jaxcl.models import layers
+
+    return getattr(path[0], "key", None) != "params" or (head and layers.is_per_task(path))
+
+
 def frozen_trunk(params, *, head: bool) -> dict:
     """``state.trainable``: the model's parameters frozen (but the heads when ``head``),
     the method's own collection trainable."""
-    from jaxcl.models import layers
-
-    def leaf(path, _):
-        if getattr(path[0], "key", None) != "params":
-            return jnp.ones((), bool)
-        return jnp.asarray(head and layers.is_per_task(path), bool)
-
-    return jax.tree_util.tree_map_with_path(leaf, params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: jnp.asarray(_trains(path, head), bool), params)
 
 
 def without_trunk_gradient(params, *, head: bool) -> dict:
     """``params`` with the leaves :func:`frozen_trunk` freezes behind ``stop_gradient``:
     the loss's gradient then never computes the frozen model's weight gradients (a third
     of a ViT's backward pass) that ``state.trainable`` would only throw away."""
-    from jaxcl.models import layers
-
-    def leaf(path, w):
-        if getattr(path[0], "key", None) != "params" or (head and layers.is_per_task(path)):
-            return w
-        return jax.lax.stop_gradient(w)
-
-    return jax.tree_util.tree_map_with_path(leaf, params)
+    return jax.tree_util.tree_map_with_path(lambda path, w: w if _trains(path, head) else jax.lax.stop_gradient(w),
+                                            params)
 
 
 def features(model, params, x, train: bool = False, rng=None, **kw) -> jax.Array:
