@@ -129,7 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
     # run groups: the runs of seeds/sweep (a leading axis of one program) are split over
     # this many groups of data x fsdp devices; must divide the number of runs. -1 (auto):
     # as many groups as the devices and the runs allow (one run per device when they
-    # match), except where that is measured slower (see jaxcl.train.auto_runs)
+    # match; one group with grain over several processes: jaxcl.train.auto_runs)
     c.mesh.runs = -1
     c.mesh.data = -1  # devices on the `data` axis (-1: all the devices `fsdp` leaves)
     c.mesh.fsdp = 1  # devices on the `fsdp` axis: parameters and the trees that shadow them are split along it
@@ -330,9 +330,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     steps_per_call(c)
     need(c.loop.chunk in CHUNKS, f"loop.chunk: {c.loop.chunk!r} is not one of {', '.join(CHUNKS)}")
     need(c.loop.run_axis in RUN_AXES, f"loop.run_axis: {c.loop.run_axis!r} is not one of {', '.join(RUN_AXES)}")
-    need(not (c.loop.run_axis == "map" and c.mesh.runs > 1),
-         f"loop.run_axis=map runs the runs one after another on every device; with mesh.runs={c.mesh.runs} each run "
-         "group vmaps its own runs: use loop.run_axis=vmap (or auto)")
     seeds = tuple(c.seeds)
     need(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds), f"seeds: expected integers, got {seeds}")
     need(all(s >= 0 for s in seeds), f"seeds: every seed must be an integer >= 0, got {seeds}")

@@ -17,7 +17,8 @@ Seeds: ``config.seeds`` (``jaxcl run --seeds 0 1 2``) trains every seed in one p
 the State gets a leading run axis and every compiled function is ``vmap``-ed over it.
 Each seed writes ``seed_<k>/`` with a single run's files; ``summary.json`` holds the
 mean and standard deviation over seeds. ``mesh.runs`` splits that run axis over groups
-of devices, each group running the vmap over its own runs (:meth:`Setup.per_group`).
+of devices, each group running the vmap over its own runs (:meth:`Setup.per_group`) or,
+with ``loop.run_axis=map``, its runs one after another (:func:`run_map`).
 
 A non-finite loss stops the run with :class:`NonFiniteLossError` naming the seed, task,
 phase, epoch and step; the checkpoints written before it are kept, so nothing is lost.
@@ -174,32 +175,48 @@ def run_map(S, make: Callable, in_axes, donate_argnums=(), out_shardings=None) -
     0 (the others are shared), the outputs stacked. Each run computes exactly its single
     run's program; no convolution is batched over runs (XLA:CPU runs a ``vmap``-ed one as
     a grouped convolution, ~7x slower than the runs one after another). A swept value
-    enters as a traced argument, so every run shares one compiled program."""
-    R, axes = S.R, tuple(in_axes)
+    enters as a traced argument, so every run shares one compiled program.
+
+    With several run groups (``mesh.runs`` = G) the groups go side by side and the runs
+    of each group one after another: call i computes run i of every group, one run per
+    group (:meth:`Setup.per_group` of the one-run function), so G devices each train a
+    run at the same time and no value crosses groups (slicing and stacking stay inside
+    each group's block of runs)."""
+    R, G, axes = S.R, S.mesh.shape["runs"], tuple(in_axes)
+    n = R // G  # runs per group
     donate = tuple(d + 1 for d in np.atleast_1d(donate_argnums).tolist())
-    if S.hp:
-        values = [{k: np.float32(v[r]) for k, v in S.hp.items()} for r in range(R)]
+    hp = {k: np.asarray(v, np.float32) for k, v in S.hp.items()}  # [R] each; {} without a sweep
+    fn = None if hp else make(S.method, S.tx)
 
-        def one(h, *args):
-            m, tx = _built(S, h)
-            return make(m, tx)(*args)
-    else:
-        values, fn = [None] * R, make(S.method, S.tx)
-
-        def one(h, *args):
+    def one_run(h, *args):
+        if not hp:
             return fn(*args)
+        m, tx = _built(S, h)
+        return make(m, tx)(*args)
 
-    one = jax.jit(one, donate_argnums=donate)
-    split = jax.jit(lambda args: [jax.tree_util.tree_map(lambda a: a[r], args) for r in range(R)])
-    stack = jax.jit(lambda outs: jax.tree_util.tree_map(lambda *o: jnp.stack(o), *outs),
-                    **({"out_shardings": out_shardings} if out_shardings is not None else {}))
+    tree_map, lead = jax.tree_util.tree_map, (0, *axes)
+    if G == 1:
+        one = jax.jit(one_run, donate_argnums=donate)
+        split = jax.jit(lambda args: [tree_map(lambda a: a[r], args) for r in range(R)])
+        stack = jax.jit(lambda outs: tree_map(lambda *o: jnp.stack(o), *outs),
+                        **({"out_shardings": out_shardings} if out_shardings is not None else {}))
+    else:  # every array below is [G, ...] (one run of each group) or [R, ...], split along runs
+        def one_of_each(h, *args):  # inside a group: its one run, a block of 1
+            args = [tree_map(lambda a: a[0], a) if ax == 0 else a for a, ax in zip(args, axes)]
+            return tree_map(lambda a: a[None], one_run(tree_map(lambda a: a[0], h), *args))
+
+        one = jax.jit(S.per_group(one_of_each, lead), donate_argnums=donate)
+        split = jax.jit(S.per_group(lambda args: [tree_map(lambda a: a[i:i + 1], args) for i in range(n)], (0,)))
+        stack = jax.jit(S.per_group(lambda outs: tree_map(lambda *o: jnp.concatenate(o), *outs), (0,)),
+                        **({"out_shardings": out_shardings} if out_shardings is not None else {}))
 
     def call(*args):
-        runs = split([a for a, ax in zip(args, axes) if ax == 0])
+        runs = split([hp, *[a for a, ax in zip(args, axes) if ax == 0]])
         outs = []
-        for r in range(R):
-            mine = iter(runs[r])
-            outs.append(one(values[r], *[next(mine) if ax == 0 else a for a, ax in zip(args, axes)]))
+        for i in range(n):
+            h, *mine = runs[i]
+            mine = iter(mine)
+            outs.append(one(h, *[next(mine) if ax == 0 else a for a, ax in zip(args, axes)]))
         return stack(outs)
 
     return call
@@ -297,7 +314,7 @@ class Setup:
         """The compiled function of all runs: ``jax.jit`` of :meth:`lift` (one run,
         ``loop.run_axis=vmap``, or several run groups: :meth:`per_group`), or with ``map``
         :func:`run_map` (one run's function compiled once and called for each run in turn)."""
-        if self.R == 1 or self.run_axis == "vmap" or self.mesh.shape["runs"] > 1:
+        if self.R == 1 or self.run_axis == "vmap":
             return jax.jit(self.lift(make, in_axes), **jit_kw)
         return run_map(self, make, in_axes, **jit_kw)
 
@@ -348,24 +365,19 @@ def _built(S: Setup, values: dict):
     return methods.build(c, S.model, S.info), optim.make(c.optimizer)
 
 
-def auto_runs(config, n_runs: int, conv_cpu: Callable[[], bool], pipeline: str = "memory") -> tuple[int, str]:
+def auto_runs(config, n_runs: int, pipeline: str = "memory") -> tuple[int, str]:
     """``mesh.runs`` with -1 (auto) resolved, and why: the most run groups that divide
     both the runs and the devices ``mesh.data`` and ``mesh.fsdp`` leave, so runs spread
-    over devices before batches split (no collective between groups). One group where
-    that is measured slower or cannot work: on CPU when the step computes a convolution
-    (each group would ``vmap`` its runs' convolutions, which XLA:CPU runs ~7x slower than
-    one run after another, ``loop.run_axis=map``; benchmarks/RESULTS.md, issue 22),
-    with ``loop.run_axis=map``, and with the grain pipeline over several processes."""
+    over devices before batches split (no collective between groups); each group then
+    ``vmap``-s its runs or, with ``loop.run_axis=map`` (auto's choice for a convolutional
+    step on CPU), runs them one after another. One group with the grain pipeline over
+    several processes (it feeds every run from every process)."""
     if config.mesh.runs != -1:
         return config.mesh.runs, "mesh.runs as set"
     per_group = config.mesh.fsdp * max(config.mesh.data, 1)
     free = jax.device_count() // per_group if jax.device_count() % per_group == 0 else 1
     if n_runs == 1 or free == 1:
         return 1, f"auto: {n_runs} run(s), {free} group(s) of devices free"
-    if config.loop.run_axis != "vmap" and conv_cpu():
-        return 1, "auto: a convolutional step on CPU runs its runs one after another (loop.run_axis=map)"
-    if config.loop.run_axis == "map":
-        return 1, "auto: loop.run_axis=map"
     if jax.process_count() > 1 and pipeline == "grain":
         return 1, "auto: the grain pipeline feeds every run from every process"
     groups = max(g for g in range(1, free + 1) if n_runs % g == 0 and free % g == 0)
@@ -383,8 +395,7 @@ def _loop_kinds(S: Setup, conv_cpu: Callable[[], bool]) -> tuple[str, str]:
     if "auto" in (chunk, axis):
         conv = conv_cpu()
         chunk = ("unrolled" if conv else "scan") if chunk == "auto" else chunk
-        # several run groups (mesh.runs) vmap inside each group's shard_map
-        axis = ("map" if conv and S.mesh.shape["runs"] == 1 else "vmap") if axis == "auto" else axis
+        axis = ("map" if conv else "vmap") if axis == "auto" else axis
     return chunk, axis
 
 
@@ -460,7 +471,7 @@ def setup(config) -> Setup:
         raise data.DataError(f"batch_size={config.batch_size} is larger than the smallest task's "
                              f"{smallest} training samples; lower batch_size")
     feed = pipeline_lib.make(config, streams, run_stream)
-    groups, groups_why = auto_runs(config, len(runs), conv_cpu, getattr(feed, "pipeline", "memory"))
+    groups, groups_why = auto_runs(config, len(runs), getattr(feed, "pipeline", "memory"))
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, groups)
     sharding.check_runs(len(runs), mesh)
     sharding.check_batch(config.batch_size, mesh, "batch_size")

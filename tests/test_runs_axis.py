@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -29,7 +30,8 @@ FAMILIES = {  # one method per family: its sets on top of SHORT
     "packnet": [],  # per-run pruning masks
     "er": ["data.stream=permuted", "scenario=domain", "data.classes_per_task=10", "online=true",
            "batch_size=10"],  # replay, and a stream that differs per seed: a resident copy per run
-    "clr": ["model.name=cnn"],  # per-task kernels of a conv model (vmapped convolutions)
+    "clr": ["model.name=cnn", "loop.run_axis=vmap"],  # per-task kernels of a conv model (vmapped convolutions;
+    # auto would run a conv model's runs one after another on CPU: the ewc map case below)
     "nccl": ["online=true", "batch_size=8", "method.inner_steps=2"],  # calibration
     "rescl": [],  # residual branches
 }
@@ -71,19 +73,20 @@ SCRIPT = """
         return paths
 
     cases = {"ewc": EWC, "packnet": ["seeds=(0,1)"],
-             "er": ["seeds=(0,1)"]}
+             "er": ["seeds=(0,1)"], "ewc_map": EWC + ["loop.run_axis=map"]}
     for name, sets in cases.items():
         for runs in (1, 2):
-            r = jaxcl.run(config(name, *sets, f"mesh.runs={runs}", "mesh.data=1"), f"{out}/{name}{runs}",
+            r = jaxcl.run(config(name.split("_")[0], *sets, f"mesh.runs={runs}", "mesh.data=1"), f"{out}/{name}{runs}",
                           echo=lambda s: None)
             S = made[-1]
             src = {k: (str(a.sharding.spec), list(a.sharding.shard_shape(a.shape)), list(a.shape))
                    for k, a in (S.src.get("train") or {}).items()}
             emit(what="results", case=name, runs=runs, workdir=f"{out}/{name}{runs}", devices=r["devices"],
+                 run_axis=S.run_axis,
                  state_bytes=r["state_bytes"], src=src, per_run=S.feed.per_run,
                  matrices=[[x["setting"], x["seed"], x["accuracy_matrix"]] for x in r["runs"]])
-        # the runs on 2 run groups of one device each
-        emit(what="hlo", case=name, hlo=hlo(S, name), group=1, runs=S.R)
+        if S.run_axis == "vmap":  # the runs on 2 run groups of one device each
+            emit(what="hlo", case=name, hlo=hlo(S, name), group=1, runs=S.R)
     for name in ("clr", "nccl", "rescl"):  # the other families, the same layout
         S = train.setup(config(name, "seeds=(0,1)", "mesh.runs=2", "mesh.data=1"))
         emit(what="hlo", case=name, hlo=hlo(S, name), group=1, runs=S.R)
@@ -140,8 +143,6 @@ def results(four):
 
 
 def _texts(case: dict) -> dict:
-    from pathlib import Path
-
     return {phase: Path(p).read_text() for phase, p in case["hlo"].items()}
 
 
@@ -241,12 +242,37 @@ def test_each_run_equals_the_one_device_program(results, family):
     assert b2["total"] == b1["total"] and b2["devices"] == 2 and b2["per_device_max"] == b1["total"] // 2
 
 
+def test_each_group_runs_its_runs_one_after_another_with_run_axis_map(results):
+    """loop.run_axis=map (auto's choice for a convolutional step on CPU) over mesh.runs=2:
+    the 4 runs of sweep x seeds, 2 per group, each group's one after another and the two
+    groups side by side. Every run computes its single run's program, so its accuracies
+    are the one-group map's bit for bit and its logged losses the same to XLA's rounding;
+    and they agree with the vmapped runs."""
+    one, two = results["ewc_map"][1], results["ewc_map"][2]
+    assert one["run_axis"] == two["run_axis"] == "map" and results["ewc"][2]["run_axis"] == "vmap"
+    assert two["devices"]["mesh"] == {"runs": 2, "data": 1, "fsdp": 1} and one["devices"]["mesh"]["runs"] == 1
+    assert [m[:2] for m in two["matrices"]] == [m[:2] for m in results["ewc"][2]["matrices"]]  # the same runs
+    assert [m[2] for m in two["matrices"]] == [m[2] for m in one["matrices"]]
+    assert two["matrices"][0][2] != two["matrices"][1][2]  # the seeds differ
+
+    def losses(case, setting, seed):  # the logged train losses of one run
+        f = Path(case["workdir"]) / f"method.ewc_lambda={setting}" / f"seed_{seed}" / "metrics.jsonl"
+        return [x["loss"] for x in map(json.loads, f.read_text().splitlines()) if x["kind"] == "train"]
+
+    for setting in (1, 1000):
+        for seed in (0, 1):  # the one-run program inside the groups' program: XLA may round differently
+            np.testing.assert_allclose(losses(two, setting, seed), losses(one, setting, seed), rtol=1e-6)
+    # each group's runs took their own swept value (group 0: lambda 1, group 1: lambda 1000)
+    assert np.max(np.abs(np.subtract(losses(two, 1000, 1), losses(two, 1, 1)))) > 1e-3
+    np.testing.assert_allclose([m[2] for m in two["matrices"]], [m[2] for m in results["ewc"][2]["matrices"]],
+                               atol=0.02)
+    assert two["state_bytes"]["per_device_max"] == one["state_bytes"]["total"] // 2  # each group holds its runs
+
+
 def test_the_sweep_x_seeds_grid_and_files(results):
     ewc = results["ewc"][2]
     assert [(s["method.ewc_lambda"], seed) for s, seed, _ in ewc["matrices"]] == [(1.0, 0), (1.0, 1), (1000.0, 0),
                                                                                   (1000.0, 1)]
-    from pathlib import Path
-
     wd = Path(ewc["workdir"])
     saved = json.loads((wd / "method.ewc_lambda=1000" / "seed_1" / "results.json").read_text())
     assert saved["devices"]["mesh"]["runs"] == 2 and saved["state_bytes"] == ewc["state_bytes"]
@@ -277,7 +303,8 @@ def test_a_killed_run_split_over_run_groups_resumes_exactly(four, results):
 # ----------------------------------------------------------------------------- several processes
 
 # One process of a `launch --local 2` job (argv: out dir, then the launcher's
-# --coordinator ...): er (a resident copy per seed) in full, then ewc that dies at its 4th
+# --coordinator ...): er (a resident copy per seed) in full, ewc's sweep x seeds with
+# loop.run_axis=map (each process's 2 runs one after another), then ewc that dies at its 4th
 # save in both processes (as after a kill) and resumes from its checkpoints. The resume
 # stays in the same processes: what is tested is that 2 processes restore their halves
 # of the checkpoint's global arrays and continue exactly, not a fresh start's imports.
@@ -298,6 +325,9 @@ MP_JOB = """
          local_src=[list(s.data.shape) for s in x.addressable_shards], global_src=list(x.shape),
          local_runs=list(made[-1].feed.local_runs))
     c = C.override(jaxcl.get_config("split_digits:method=ewc"), SHORT + EWC + ["mesh.runs=2"])  # 4 runs
+    r = jaxcl.run(C.override(c, ["loop.run_axis=map"]), f"{out}/ewc_map", echo=lambda s: None)
+    emit(process=me, case="ewc_map", matrices=[m["accuracy_matrix"] for m in r["runs"]], devices=r["devices"],
+         run_axis=made[-1].run_axis)
     saves = die_at_save(4, lambda: jaxcl.run(c, f"{out}/ewc", echo=lambda s: None))  # both processes alike
     said = []
     r = jaxcl.run(c, f"{out}/ewc", resume=True, echo=said.append)
@@ -330,6 +360,15 @@ def test_two_processes_each_feed_their_own_runs_and_match_one_device(two_process
         saved = json.loads((tmp / "runs" / "er" / f"seed_{seed}" / "results.json").read_text())
         assert saved["accuracy_matrix"] == er[0]["matrices"][seed] and saved["seed"] == seed
         assert saved["train_steps"] > 0 and saved["params"]["backbone"] > 0
+
+
+def test_two_processes_each_run_their_runs_one_after_another(two_processes, results):
+    """loop.run_axis=map over 2 processes of one device (mesh.runs=2): each process trains
+    its 2 runs one after another; every run is the one-device map's bit for bit."""
+    _, res = two_processes
+    x = {r["process"]: r for r in res if r["case"] == "ewc_map"}
+    assert set(x) == {0, 1} and x[0]["run_axis"] == "map" and x[0]["devices"]["processes"] == 2
+    assert x[0]["matrices"] == x[1]["matrices"] == [m[2] for m in results["ewc_map"][1]["matrices"]]
 
 
 def test_two_processes_killed_at_a_save_resume_exactly(two_processes, results):
@@ -387,26 +426,23 @@ def test_state_specs_split_the_run_axis_and_keep_fsdp_inside():
 # ----------------------------------------------------------------------------- automatic layout
 
 
-@pytest.mark.parametrize("runs,devices,sets,conv,pipeline,processes,want", [
-    (8, 2, [], False, "memory", 1, 2),  # one group per device, 4 runs each
-    (6, 4, [], False, "memory", 1, 2),  # the most groups dividing both 6 and 4
-    (8, 8, ["mesh.fsdp=2"], False, "memory", 1, 4),  # fsdp pairs: 4 free groups
-    (8, 8, ["mesh.data=2"], False, "memory", 1, 4),
-    (1, 8, [], False, "memory", 1, 1),  # a single run: the batch splits instead
-    (8, 2, [], True, "memory", 1, 1),  # conv step on CPU: the runs one after another (map)
-    (8, 2, ["loop.run_axis=vmap"], True, "memory", 1, 2),  # ... unless vmap is asked for
-    (8, 2, ["loop.run_axis=map"], False, "memory", 1, 1),
-    (8, 2, [], False, "grain", 2, 1),  # grain feeds every run from every process
-    (8, 2, ["mesh.runs=4"], False, "memory", 1, 4),  # as set
+@pytest.mark.parametrize("runs,devices,sets,pipeline,processes,want", [
+    (8, 2, [], "memory", 1, 2),  # one group per device, 4 runs each
+    (6, 4, [], "memory", 1, 2),  # the most groups dividing both 6 and 4
+    (8, 8, ["mesh.fsdp=2"], "memory", 1, 4),  # fsdp pairs: 4 free groups
+    (8, 8, ["mesh.data=2"], "memory", 1, 4),
+    (1, 8, [], "memory", 1, 1),  # a single run: the batch splits instead
+    (8, 2, ["loop.run_axis=map"], "memory", 1, 2),  # each group's runs one after another (a conv step on CPU)
+    (8, 2, [], "grain", 2, 1),  # grain feeds every run from every process
+    (8, 2, ["mesh.runs=4"], "memory", 1, 4),  # as set
 ])
-def test_mesh_runs_auto_spreads_runs_over_free_devices(monkeypatch, runs, devices, sets, conv, pipeline, processes,
-                                                        want):
+def test_mesh_runs_auto_spreads_runs_over_free_devices(monkeypatch, runs, devices, sets, pipeline, processes, want):
     from jaxcl import train
 
     monkeypatch.setattr(jax, "device_count", lambda: devices)
     monkeypatch.setattr(jax, "process_count", lambda: processes)
     c = config_lib.override(jaxcl.get_config("split_digits"), sets)
-    groups, why = train.auto_runs(c, runs, lambda: conv, pipeline)
+    groups, why = train.auto_runs(c, runs, pipeline)
     assert groups == want, why
     assert why.startswith("auto" if "mesh.runs=4" not in sets else "mesh.runs as set")
 
