@@ -8,7 +8,7 @@ layout).
 
 The layouts run in few fresh processes (each pays the jax import and its own compiles):
 one of 8 virtual devices runs every several-device check of one process (every method
-on 8 devices), one 2-process job packnet (the other state kinds run on 2 processes in
+on 8 devices), one 2-process job packnet and l2p (the other state kinds run on 2 processes in
 the killed job below and in test_runs_axis.py's 2-process job, and on several devices
 in the 8-device process)."""
 import json
@@ -27,11 +27,16 @@ from _jobs import close, env, launch, run_script
 import jaxcl
 from jaxcl import distributed
 
+# l2p below trains prompts on a random trunk (the layouts, not the accuracy, are tested)
+pytestmark = pytest.mark.filterwarnings("ignore:method l2p trains only on top of a frozen backbone")
+
 METHODS = {  # small runs of the four kinds of state: regulariser, owner index, replay memory, calibration
     "ewc": ["loop.steps_per_call=5"],  # CUT's K: the killed runs resume on one device with this program
     "packnet": [],
     "er": ["online=true", "batch_size=8"],
     "nccl": ["online=true", "batch_size=8", "method.inner_steps=2"],
+    # a prompt method: a frozen trunk (stop_gradient) beside the prompt pool and keys
+    "l2p": ["model.name=vit_cifar", "model.width=16", "model.depth=2"],
 }
 COMMON = ["num_tasks=2", "epochs=1", "log.progress=false", "log.plots=false", "log.tensorboard=false"]
 CUT = ["checkpoint.every_steps=5", "loop.steps_per_call=5"]  # the runs that are killed and resumed (ewc)
@@ -78,7 +83,7 @@ EIGHT = RUN + """
     run("data8", "ewc", ["mesh.data=8"], with_params=True)
     for name in ("er", "nccl"):  # many small steps: on 2 devices (8 cost 8 device programs a step)
         run("data2", name, ["mesh.data=2"])
-    for name in ("ewc", "packnet"):
+    for name in ("ewc", "packnet", "l2p"):
         run("fsdp4", name, %r)
     cut = C.override(jaxcl.get_config("split_digits:method=ewc"), COMMON + %r + ["mesh.data=2"])
     saves = die_at_save(3, lambda: jaxcl.run(cut, f"{out}/cut", echo=lambda s: None))  # dies at its 3rd save
@@ -92,8 +97,9 @@ TWO = RUN + """
         run("mp", name, [])
 """
 # ewc, er and nccl run on several devices in EIGHT (mesh.data=8), ewc on 2 processes in the test
-# of the killed job below, er (replay memory fed per process) in test_runs_axis.py's 2-process job
-TWO_METHODS = ("packnet",)
+# of the killed job below, er (replay memory fed per process) in test_runs_axis.py's 2-process job;
+# l2p (a prompt method on a ViT) here and under fsdp in EIGHT
+TWO_METHODS = ("packnet", "l2p")
 
 
 def _by(rows, case):
@@ -129,7 +135,8 @@ def eight(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """packnet (its pruning masks) in one job of 2 processes x 1 device."""
+    """packnet (its pruning masks) and l2p (a frozen ViT trunk, its prompt pool and keys)
+    in one job of 2 processes x 1 device."""
     out = tmp_path_factory.mktemp("mp")
     code, rows, logs = launch(2, TWO, [str(out / "runs"), ",".join(TWO_METHODS)], out, timeout=900)
     assert code == 0
@@ -168,9 +175,9 @@ def test_one_process_of_eight_devices_splits_the_batch_and_its_errors_name_the_p
 
 def test_data_parallel_and_fsdp_agree_with_one_device(single, eight):
     """In one process of 8 virtual devices: mesh.data=8 (ewc) or 2 (er, nccl), and
-    mesh.data=2 x mesh.fsdp=4 (ewc, packnet: every big leaf of the state split in four)."""
+    mesh.data=2 x mesh.fsdp=4 (ewc, packnet, l2p: every big leaf of the state split in four)."""
     data, fsdp = {**_by(eight, "data8"), **_by(eight, "data2")}, _by(eight, "fsdp4")
-    assert set(data) == {"ewc", "er", "nccl"} and set(fsdp) == {"ewc", "packnet"}
+    assert set(data) == {"ewc", "er", "nccl"} and set(fsdp) == {"ewc", "packnet", "l2p"}
     assert {x["devices"]["mesh"]["data"] for x in _by(eight, "data2").values()} == {2}
     for res in (data, fsdp):
         for name, r in res.items():
