@@ -185,7 +185,7 @@ def run_map(S, make: Callable, in_axes, donate_argnums=(), out_shardings=None) -
     R, G, axes = S.R, S.mesh.shape["runs"], tuple(in_axes)
     n = R // G  # runs per group
     donate = tuple(d + 1 for d in np.atleast_1d(donate_argnums).tolist())
-    hp = {k: np.asarray(v, np.float32) for k, v in S.hp.items()}  # [R] each; {} without a sweep
+    hp = {k: np.asarray(v, np.float32) for k, v in S.hp.items()}  # [R] each ({} without a sweep), split as the runs
     fn = None if hp else make(S.method, S.tx)
 
     def one_run(h, *args):
@@ -194,21 +194,16 @@ def run_map(S, make: Callable, in_axes, donate_argnums=(), out_shardings=None) -
         m, tx = _built(S, h)
         return make(m, tx)(*args)
 
-    tree_map, lead = jax.tree_util.tree_map, (0, *axes)
-    if G == 1:
-        one = jax.jit(one_run, donate_argnums=donate)
-        split = jax.jit(lambda args: [tree_map(lambda a: a[r], args) for r in range(R)])
-        stack = jax.jit(lambda outs: tree_map(lambda *o: jnp.stack(o), *outs),
-                        **({"out_shardings": out_shardings} if out_shardings is not None else {}))
-    else:  # every array below is [G, ...] (one run of each group) or [R, ...], split along runs
-        def one_of_each(h, *args):  # inside a group: its one run, a block of 1
-            args = [tree_map(lambda a: a[0], a) if ax == 0 else a for a, ax in zip(args, axes)]
-            return tree_map(lambda a: a[None], one_run(tree_map(lambda a: a[0], h), *args))
+    tree_map, stacked = jax.tree_util.tree_map, {"out_shardings": out_shardings} if out_shardings is not None else {}
 
-        one = jax.jit(S.per_group(one_of_each, lead), donate_argnums=donate)
-        split = jax.jit(S.per_group(lambda args: [tree_map(lambda a: a[i:i + 1], args) for i in range(n)], (0,)))
-        stack = jax.jit(S.per_group(lambda outs: tree_map(lambda *o: jnp.concatenate(o), *outs), (0,)),
-                        **({"out_shardings": out_shardings} if out_shardings is not None else {}))
+    def one_of_each(h, *args):  # the one run a group holds in this call (a block of 1 along runs)
+        args = [tree_map(lambda a: a[0], a) if ax == 0 else a for a, ax in zip(args, axes)]
+        return tree_map(lambda a: a[None], one_run(tree_map(lambda a: a[0], h), *args))
+
+    # every array below is [R, ...] or [G, ...] (one run of each group), split along runs
+    one = jax.jit(S.per_group(one_of_each, (0, *axes)), donate_argnums=donate)
+    split = jax.jit(S.per_group(lambda args: [tree_map(lambda a: a[i:i + 1], args) for i in range(n)], (0,)))
+    stack = jax.jit(S.per_group(lambda outs: tree_map(lambda *o: jnp.concatenate(o), *outs), (0,)), **stacked)
 
     def call(*args):
         runs = split([hp, *[a for a, ax in zip(args, axes) if ax == 0]])
