@@ -121,7 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
     # CPU when the step has a convolution, which XLA:CPU runs ~20x slower inside a loop; else scan)
     c.loop.chunk = "auto"
     # how several runs (--seeds, a sweep) share one program: vmap (a leading run axis, every compiled function
-    # vmapped), map (each function compiled for one run and called for every run in turn), auto (map on CPU
+    # vmapped), map (each function compiled for one run and called for every run of a run group in turn, the
+    # groups of mesh.runs side by side), auto (map on CPU
     # when the step has a convolution, which XLA:CPU runs ~7x slower vmapped, as a grouped convolution; else vmap)
     c.loop.run_axis = "auto"
 
