@@ -601,13 +601,25 @@ def _run_slice(S: Setup, tree, r: int):
     return tree if S.R == 1 else jax.tree_util.tree_map(lambda a: a[r], tree)
 
 
+@jax.jit
+def _take_run(tree, r):
+    return jax.tree_util.tree_map(lambda a: a[r], tree)
+
+
+def _run_state(S: Setup, state, r: int):
+    """Run ``r``'s slice of a device tree with a leading run axis: one compiled program for
+    every run and leaf (an eager ``a[r]`` per leaf compiles a program per shape and index:
+    ~1,800 for 8 seeds of a ResNet's state, 7.6 s)."""
+    return state if S.R == 1 else _take_run(state, np.int32(r))
+
+
 def _load_pretrained(S: Setup, state: State, path: str, echo) -> State:
     """Initialise the trunk (every parameter but the heads, and the batch statistics)
     from ``path``: a jaxcl run's workdir or a torchvision/timm ``.safetensors`` file
     (:mod:`jaxcl.models.torch_weights`); every run alike."""
     runs = []
     for r in range(S.R):
-        one = distributed.fetch(_run_slice(S, state, r))
+        one = distributed.fetch(_run_state(S, state, r))
         params, model_state, n_params, n_stats = torch_weights.load_pretrained(
             one.params, one.model_state, path, S.model)
         runs.append(one.replace(params=params, model_state=model_state))
@@ -825,7 +837,7 @@ def run_results(S: Setup, state, r: int, run_record: dict, record: dict, one=Non
     run ``r``'s state on the host, when the caller has it (else it is fetched)."""
     cfg = S.config
     stream = S.streams[S.run_stream[r]]
-    one = distributed.fetch(_run_slice(S, state, r)) if one is None else one
+    one = distributed.fetch(_run_state(S, state, r)) if one is None else one
     R = run_record["accuracy_matrix"]
     steps = int(one.step)
     return {
