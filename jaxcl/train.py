@@ -195,15 +195,18 @@ def run_map(S, make: Callable, in_axes, donate_argnums=(), out_shardings=None) -
         return make(m, tx)(*args)
 
     tree_map, stacked = jax.tree_util.tree_map, {"out_shardings": out_shardings} if out_shardings is not None else {}
+    if G == 1:  # one run's own program: wrapped as below, 8 ResNet seeds trained in 250 s, not 207 (measured once)
+        one = jax.jit(one_run, donate_argnums=donate)
+        split = jax.jit(lambda args: [tree_map(lambda a: a[r], args) for r in range(R)])
+        stack = jax.jit(lambda outs: tree_map(lambda *o: jnp.stack(o), *outs), **stacked)
+    else:  # every array below is [R, ...] or [G, ...] (one run of each group), split along runs
+        def one_of_each(h, *args):  # the one run a group holds in this call (a block of 1 along runs)
+            args = [tree_map(lambda a: a[0], a) if ax == 0 else a for a, ax in zip(args, axes)]
+            return tree_map(lambda a: a[None], one_run(tree_map(lambda a: a[0], h), *args))
 
-    def one_of_each(h, *args):  # the one run a group holds in this call (a block of 1 along runs)
-        args = [tree_map(lambda a: a[0], a) if ax == 0 else a for a, ax in zip(args, axes)]
-        return tree_map(lambda a: a[None], one_run(tree_map(lambda a: a[0], h), *args))
-
-    # every array below is [R, ...] or [G, ...] (one run of each group), split along runs
-    one = jax.jit(S.per_group(one_of_each, (0, *axes)), donate_argnums=donate)
-    split = jax.jit(S.per_group(lambda args: [tree_map(lambda a: a[i:i + 1], args) for i in range(n)], (0,)))
-    stack = jax.jit(S.per_group(lambda outs: tree_map(lambda *o: jnp.concatenate(o), *outs), (0,)), **stacked)
+        one = jax.jit(S.per_group(one_of_each, (0, *axes)), donate_argnums=donate)
+        split = jax.jit(S.per_group(lambda args: [tree_map(lambda a: a[i:i + 1], args) for i in range(n)], (0,)))
+        stack = jax.jit(S.per_group(lambda outs: tree_map(lambda *o: jnp.concatenate(o), *outs), (0,)), **stacked)
 
     def call(*args):
         runs = split([hp, *[a for a, ax in zip(args, axes) if ax == 0]])
