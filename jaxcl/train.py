@@ -309,9 +309,10 @@ class Setup:
                              check_vma=False)
 
     def jit(self, make: Callable, in_axes, **jit_kw):
-        """The compiled function of all runs: ``jax.jit`` of :meth:`lift` (one run,
-        ``loop.run_axis=vmap``, or several run groups: :meth:`per_group`), or with ``map``
-        :func:`run_map` (one run's function compiled once and called for each run in turn)."""
+        """The compiled function of all runs: ``jax.jit`` of :meth:`lift` (one run, or
+        ``loop.run_axis=vmap``: each run group's vmap, :meth:`per_group`), or with ``map``
+        :func:`run_map` (one run's function compiled once and called for each run of a group
+        in turn, the groups side by side)."""
         if self.R == 1 or self.run_axis == "vmap":
             return jax.jit(self.lift(make, in_axes), **jit_kw)
         return run_map(self, make, in_axes, **jit_kw)
@@ -528,7 +529,7 @@ def _check_sweep(S: Setup) -> None:
     (a method that branches on it in Python, or sizes an array by it)."""
     sample = _sample(S)
     xs = S.feed.train_items(S.pool_tasks(0), [np.arange(S.config.batch_size)] * S.R, range(1), S.config.batch_size, 1)
-    xs = _run_slice(S, xs, 0)
+    xs = xs if S.R == 1 else jax.tree_util.tree_map(lambda a: a[0], xs)  # run 0's host items
     src = S.src.get("train")
     if src is not None and S.feed.per_run:  # one run's copy, as shapes (another process may hold it)
         src = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), src)
@@ -598,10 +599,6 @@ def _init_fn(S: Setup):
 def _keys(S: Setup) -> jax.Array:
     keys = [jax.random.PRNGKey(s) for s in S.seeds]
     return keys[0] if S.R == 1 else jnp.stack(keys)
-
-
-def _run_slice(S: Setup, tree, r: int):
-    return tree if S.R == 1 else jax.tree_util.tree_map(lambda a: a[r], tree)
 
 
 @jax.jit
