@@ -128,12 +128,12 @@ def bare_steps_per_s(spec: str, sets: list[str], repeats: int = 3, inner: int = 
     import jax.numpy as jnp
 
     import jaxcl
-    from jaxcl import data, train
+    from jaxcl import data, train, xla
 
     cfg = jaxcl.config.override(jaxcl.get_config(spec), sets)
     S = train.setup(cfg)
     state = train._init_fn(S)(train._keys(S))
-    step = jax.jit(train.make_train_step(S.method, S.tx, cfg.data.augment), static_argnums=3, donate_argnums=0)
+    step = xla.jit(train.make_train_step(S.method, S.tx, cfg.data.augment), static_argnums=3, donate_argnums=0)
     batch = jax.device_put(next(data.batches(data.pool(S.streams[0], 0, normalize=cfg.data.normalize),
                                              cfg.batch_size)))
     cycle = common.StepCycle(step, state, [batch], jnp.int32(0), S.method.phases(0)[0].name)

@@ -20,7 +20,7 @@ import common
 
 import jaxcl
 from jaxcl import config as config_lib
-from jaxcl import data, methods, models, optim, sharding, train
+from jaxcl import data, methods, models, optim, sharding, train, xla
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +77,11 @@ def run_jaxcl(w: Workload) -> dict:
         return sharding.shard_batch(make_batch(task), mesh)
 
     rep = sharding.replicated(mesh)
-    step = jax.jit(train.make_train_step(m, tx, augment=False), donate_argnums=0, static_argnums=3,
+    step = xla.jit(train.make_train_step(m, tx, augment=False), donate_argnums=0, static_argnums=3,
                    out_shardings=rep)
     begin = jax.jit(m.begin_task)
     prune = jax.jit(m.after_phase, static_argnums=2)
-    predict = jax.jit(m.predict)
+    predict = xla.jit(m.predict)
     t0, t1 = jnp.int32(0), jnp.int32(1)
 
     state = begin(state, t0)  # task 1: batch norm in train mode, then prune 50 % and freeze

@@ -20,7 +20,7 @@ import common
 
 import jaxcl
 from jaxcl import config as config_lib
-from jaxcl import data, methods, models, optim, sharding, train
+from jaxcl import data, methods, models, optim, sharding, train, xla
 
 BATCH, LR, TASKS = 64, 0.01, 2
 
@@ -48,8 +48,8 @@ def run_jaxcl() -> dict:
     t1 = jnp.int32(1)
     state = jax.jit(m.begin_task, out_shardings=rep)(state, t1)
     trainable = common.trainable_count(state)
-    step = jax.jit(train.make_train_step(m, tx, augment=False), donate_argnums=0, static_argnums=3, out_shardings=rep)
-    predict = jax.jit(m.predict)
+    step = xla.jit(train.make_train_step(m, tx, augment=False), donate_argnums=0, static_argnums=3, out_shardings=rep)
+    predict = xla.jit(m.predict)
     batches = [batch() for _ in range(4)]
     train_one = common.StepCycle(step, state, batches, t1, "train")
     times = common.time_repeats(train_one, warmup=2, repeats=5, inner=2)

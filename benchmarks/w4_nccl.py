@@ -23,7 +23,7 @@ import common
 
 import jaxcl
 from jaxcl import config as config_lib
-from jaxcl import data, methods, models, optim, sharding, train
+from jaxcl import data, methods, models, optim, sharding, train, xla
 from jaxcl.methods import _memory
 
 B, MEM, CLASSES = 10, 200, 100
@@ -56,7 +56,7 @@ def run_jaxcl() -> dict:
                                      "y": rng.integers(0, CLASSES, B).astype(np.int32),
                                      "task": np.zeros(B, np.int32), "mask": np.ones(B, np.float32)}, mesh)
                for _ in range(8)]
-    step = jax.jit(train.make_train_step(m, tx, augment=False), donate_argnums=0, static_argnums=3, out_shardings=rep)
+    step = xla.jit(train.make_train_step(m, tx, augment=False), donate_argnums=0, static_argnums=3, out_shardings=rep)
     call = common.StepCycle(step, state, batches, jnp.int32(0), "train")
 
     times = common.time_repeats(call, warmup=2, repeats=5, inner=3)

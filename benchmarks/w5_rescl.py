@@ -22,7 +22,7 @@ import common
 
 import jaxcl
 from jaxcl import config as config_lib
-from jaxcl import data, methods, models, optim, sharding, train
+from jaxcl import data, methods, models, optim, sharding, train, xla
 from jaxcl.methods import rescl
 
 BATCH, LR = 32, 0.01
@@ -47,7 +47,7 @@ def run_jaxcl() -> dict:
     state = jax.jit(m.begin_task, out_shardings=rep)(state, t1)  # target = copy of the source, a = 0
     state = jax.jit(m.after_phase, static_argnums=2, out_shardings=rep)(state, t1, "finetune")  # stage-2 masks
     source = rescl._clone(model, "source", (0.0, 0.0))
-    source_all = jax.jit(lambda s, x: source.apply({**s.params, **s.model_state}, x, "all", False))
+    source_all = xla.jit(lambda s, x: source.apply({**s.params, **s.model_state}, x, "all", False))
 
     def batch():
         x = rng.standard_normal((BATCH, 32, 32, 3), np.float32)
@@ -57,7 +57,7 @@ def run_jaxcl() -> dict:
         return sharding.shard_batch(b, mesh)
 
     batches = [batch() for _ in range(10)]
-    step = jax.jit(train.make_train_step(m, tx, augment=False), donate_argnums=0, static_argnums=3, out_shardings=rep)
+    step = xla.jit(train.make_train_step(m, tx, augment=False), donate_argnums=0, static_argnums=3, out_shardings=rep)
     train_one = common.StepCycle(step, state, batches, t1, "combine")
     times = common.time_repeats(train_one, warmup=5, repeats=7, inner=10)
     state = train_one.state
@@ -73,8 +73,8 @@ def run_jaxcl() -> dict:
     mtimes = common.time_calls(lambda: merge(state, t1, "combine"), warmup=2, repeats=5)
     merged = merge(state, t1, "combine")
     combined = rescl._clone(model, "combined", (0.0, 0.0))
-    unmerged_fn = jax.jit(lambda s, x: combined.apply({**s.params, **s.model_state}, x, t1, False))
-    merged_fn = jax.jit(m.predict)
+    unmerged_fn = xla.jit(lambda s, x: combined.apply({**s.params, **s.model_state}, x, t1, False))
+    merged_fn = xla.jit(m.predict)
     xs = [rng.standard_normal((BATCH, 32, 32, 3), np.float32) for _ in range(20)]
     xs = [sharding.shard_batch({"x": x}, mesh)["x"] for x in xs]
     diff = max(float(jnp.abs(unmerged_fn(state, x) - merged_fn(merged, x, t1)).max()) for x in xs[:2])

@@ -33,7 +33,7 @@ import common
 
 import jaxcl
 from jaxcl import config as config_lib
-from jaxcl import data, methods, models, optim, train
+from jaxcl import data, methods, models, optim, train, xla
 
 BATCH, IMG, NCLS = 16, 224, 100
 POOL, PLEN, TOPN, PULL, LR = 10, 5, 5, 0.1, 0.03
@@ -61,7 +61,7 @@ def run_jaxcl(name: str, dtype: str) -> dict:
     batches = [{"x": jnp.asarray(rng.standard_normal((BATCH, IMG, IMG, 3), np.float32)),
                 "y": jnp.asarray(rng.integers(lo, lo + len(TASK_CLASSES), BATCH, dtype=np.int32)),
                 "task": jnp.ones(BATCH, jnp.int32), "mask": jnp.ones(BATCH, jnp.float32)} for _ in range(4)]
-    step = jax.jit(train.make_train_step(m, tx, augment=False), donate_argnums=0, static_argnums=3)
+    step = xla.jit(train.make_train_step(m, tx, augment=False), donate_argnums=0, static_argnums=3)
     call = common.StepCycle(step, state, batches, task, m.phases(1)[0].name)
     t0 = time.perf_counter()
     jax.block_until_ready(call())
@@ -69,7 +69,7 @@ def run_jaxcl(name: str, dtype: str) -> dict:
     ttimes = common.time_repeats(call, warmup=TRAIN_WARMUP, repeats=TRAIN_REPEATS, inner=ITERS_PER_BLOCK)
     assert np.isfinite(float(call()))
     print(f"[w6] jaxcl: train blocks {[round(t, 2) for t in ttimes]} s", file=sys.stderr)
-    pred, st = jax.jit(m.predict), call.state
+    pred, st = xla.jit(m.predict), call.state
     xs = [jnp.asarray(rng.standard_normal((BATCH, IMG, IMG, 3), np.float32)) for _ in range(EVAL_BATCHES)]
     etimes = common.time_repeats(lambda: [pred(st, x, task) for x in xs], warmup=1, repeats=EVAL_REPEATS, inner=1)
     print(f"[w6] jaxcl: eval passes {[round(t, 2) for t in etimes]} s", file=sys.stderr)

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import config as config_lib
+from jaxcl import xla
 from jaxcl.data import StreamInfo
 from jaxcl.methods import base
 from jaxcl.methods.base import Method, Phase, State
@@ -161,17 +162,17 @@ def trainer(method: Method, tx, *, augment: bool = False, check_values: bool = T
     shape: dict[str, Any] = {}
     info = method.info
     trunk: dict[str, Any] = {}  # a frozen trunk's leaf as init made it, until the first step
-    step_fn = jax.jit(train.make_train_step(method, tx, augment), donate_argnums=0, static_argnums=3)
-    begin = jax.jit(method.begin_task)
-    after = jax.jit(method.after_phase, static_argnums=2)
-    consolidate = jax.jit(method.consolidate, static_argnums=3) if method.consolidate else None
-    reset = jax.jit(lambda s: s.replace(opt_state=tx.init(s.params)))
-    predict = jax.jit(method.predict)
+    step_fn = xla.jit(train.make_train_step(method, tx, augment), donate_argnums=0, static_argnums=3)
+    begin = xla.jit(method.begin_task)
+    after = xla.jit(method.after_phase, static_argnums=2)
+    consolidate = xla.jit(method.consolidate, static_argnums=3) if method.consolidate else None
+    reset = xla.jit(lambda s: s.replace(opt_state=tx.init(s.params)))
+    predict = xla.jit(method.predict)
 
     def init(rng, x) -> State:
         x = jnp.asarray(x)
         shape["x"] = tuple(x.shape[1:])
-        state = jax.jit(lambda r, x: reset(method.init(r, x)))(rng, x)
+        state = xla.jit(lambda r, x: reset(method.init(r, x)))(rng, x)
         trunk.clear()
         if method.frozen_backbone:
             trunk.update(_frozen_leaf(state))

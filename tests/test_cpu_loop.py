@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxcl
-from jaxcl import train
+from jaxcl import train, xla
 from test_loop import _final_state, _train_rows, quiet
 
 CNN = {"model__name": "cnn", "model__width": 4, "num_tasks": 2, "epochs": 1}
@@ -70,6 +70,31 @@ def test_a_conv_models_train_call_has_no_convolution_inside_control_flow_on_cpu(
     # several seeds of a conv model: one run's program for each in turn (map_runs below checks their numbers on the MLP)
     S = train.setup(make_config("split_digits:method=finetune", seeds="(0, 2)", **CNN))
     assert (S.chunk, S.run_axis) == ("unrolled", "map")
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="the choice tested is the CPU one")
+def test_jaxcls_cpu_programs_use_xlas_own_kernels_not_ynnpack(make_config, monkeypatch):
+    """jaxcl compiles for the CPU without YNNPACK's fusions (jaxcl/xla.py: its workloads
+    run faster without them, benchmarks/RESULTS.md), the loop's train call included; an
+    XLA_FLAGS of the user's own that names the option wins."""
+    import jax.numpy as jnp
+
+    assert xla.compiler_options() == xla.CPU_OPTIONS and xla.compiler_options("gpu") == {}
+    hlo, _ = compiled_train_call(make_config("split_digits:method=finetune"))
+    assert " dot(" in hlo or "dot." in hlo
+    assert "__ynn_fusion" not in hlo
+    # the check bites: this jaxlib's default (a plain jax.jit) puts the dot in a YNNPACK fusion
+    a = jnp.ones((128, 128))
+    assert "__ynn_fusion" in jax.jit(lambda a, b: jnp.tanh(a @ b)).lower(a, a).compile().as_text()
+    assert "__ynn_fusion" not in xla.jit(lambda a, b: jnp.tanh(a @ b)).lower(a, a).compile().as_text()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+    xla._cpu_options.cache_clear()
+    try:
+        assert xla.compiler_options() == {}
+    finally:
+        monkeypatch.undo()
+        xla._cpu_options.cache_clear()
+    assert xla.compiler_options() == xla.CPU_OPTIONS
 
 
 MAP_SETS = dict(loop__steps_per_call=4, log__every_steps=3, data__shuffle_classes="true", batch_size=10,
