@@ -1,10 +1,11 @@
 """The XLA options of the programs jaxcl compiles, and :func:`jit`, which passes them.
 
 On CPU, jaxlib 0.10's XLA hands dots and convolutions to YNNPACK by default. jaxcl's
-workloads train and evaluate faster with XLA's own CPU kernels, measured side by side
-(benchmarks/RESULTS.md, "XLA:CPU without YNNPACK"): W6's ViT-Ti/16 train step +17 % and its
-evaluation +22 %, W1's MLP evaluation +52 %, W3's ResNet-18 evaluation +40 %. So every
-program jaxcl compiles for the CPU leaves YNNPACK out (an empty
+workloads mostly train and evaluate faster with XLA's own CPU kernels, measured side by
+side (benchmarks/RESULTS.md, "XLA:CPU without YNNPACK"): W2's reduced ResNet-18 train step
++38 % and its evaluation +55 %, W6's ViT-Ti/16 +17 % and +22 %, W1's MLP evaluation +52 %,
+W3's ResNet-18 evaluation +40 % (W4 unchanged, W5's train step 0.90x). So the programs
+jaxcl trains and evaluates with on the CPU leave YNNPACK out (an empty
 ``xla_cpu_experimental_ynn_fusion_type``), through ``jax.jit``'s ``compiler_options``: only
 jaxcl's own programs, never the rest of the caller's process.
 
@@ -38,11 +39,37 @@ def compiler_options(backend: str | None = None) -> dict:
     return dict(_cpu_options()) if (backend or jax.default_backend()) == "cpu" else {}
 
 
+def _top_level() -> bool:
+    """Whether a call now runs eagerly (not staged into an enclosing ``jax.jit``)."""
+    try:
+        from jax._src import core
+        return core.trace_state_clean()
+    except (ImportError, AttributeError):  # a JAX without it: no options, never an error
+        return False
+
+
+class _Jitted:
+    """``jax.jit(fn, compiler_options=...)`` called at the top level, plain ``jax.jit(fn)``
+    inside another jitted function (JAX takes compiler options at the top level only, and
+    the options of the enclosing program then apply). Attributes (``lower``, ``eval_shape``,
+    ...) are the top-level function's."""
+
+    def __init__(self, fn: Callable, options: dict, kw: dict):
+        self._top = jax.jit(fn, **{**kw, "compiler_options": {**options, **(kw.get("compiler_options") or {})}})
+        self._nested = jax.jit(fn, **kw)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        return (self._top if _top_level() else self._nested)(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._top, name)
+
+
 def jit(fn: Callable | None = None, **kw: Any) -> Callable:
-    """``jax.jit`` with :func:`compiler_options` added (decorator form too)."""
+    """``jax.jit`` with :func:`compiler_options` added where JAX takes them (decorator form
+    too): a call inside a caller's own ``jax.jit`` compiles as part of that program."""
     if fn is None:
         return functools.partial(jit, **kw)
     options = compiler_options()
-    if options:
-        kw["compiler_options"] = {**options, **(kw.get("compiler_options") or {})}
-    return jax.jit(fn, **kw)
+    return _Jitted(fn, options, kw) if options else jax.jit(fn, **kw)

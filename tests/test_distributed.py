@@ -25,7 +25,7 @@ import pytest
 from _jobs import close, env, launch, run_script
 
 import jaxcl
-from jaxcl import distributed
+from jaxcl import checkpoint, distributed
 
 # l2p below trains prompts on a random trunk (the layouts, not the accuracy, are tested)
 pytestmark = pytest.mark.filterwarnings("ignore:method l2p trains only on top of a frozen backbone")
@@ -231,10 +231,13 @@ def test_a_two_process_run_that_loses_a_process_stops_naming_it_and_resumes_in_o
            "--workdir", str(wd), "--heartbeat-timeout", "5", *sum((["--set", s] for s in COMMON + CUT), [])]
     job = subprocess.Popen(cmd, env=env(1, JAXCL_LAUNCH_LOGS=str(tmp_path)), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
+    # killed once the 2nd checkpoint is whole (its checksum manifest is written after the
+    # save): a kill before it would resume from an unverified checkpoint, with a warning
+    written = wd / "checkpoints" / "2" / checkpoint.MANIFEST
     deadline = time.time() + 300
-    while time.time() < deadline and not (wd / "checkpoints" / "2").exists():
+    while time.time() < deadline and not written.exists():
         time.sleep(0.2)
-    assert (wd / "checkpoints" / "2").exists(), "no checkpoint was written"
+    assert written.exists(), "no checkpoint was written"
     victim = _pid_of_process(1, wd)
     os.kill(victim, signal.SIGKILL)
     start = time.time()
