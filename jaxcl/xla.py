@@ -4,7 +4,7 @@ On CPU, jaxlib 0.10's XLA hands dots and convolutions to YNNPACK by default. jax
 workloads mostly train and evaluate faster with XLA's own CPU kernels, measured side by
 side (benchmarks/RESULTS.md, "XLA:CPU without YNNPACK"): W2's reduced ResNet-18 train step
 +38 % and its evaluation +55 %, W6's ViT-Ti/16 +17 % and +22 %, W1's MLP evaluation +52 %,
-W3's ResNet-18 evaluation +40 % (W4 unchanged, W5's train step 0.90x). So the programs
+W3's ResNet-18 evaluation +40 %, W5's +46 % (W4 unchanged). So the programs
 jaxcl trains and evaluates with on the CPU leave YNNPACK out (an empty
 ``xla_cpu_experimental_ynn_fusion_type``), through ``jax.jit``'s ``compiler_options``: only
 jaxcl's own programs, never the rest of the caller's process.
