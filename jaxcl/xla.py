@@ -39,12 +39,10 @@ def compiler_options(backend: str | None = None) -> dict:
     return dict(_cpu_options()) if (backend or jax.default_backend()) == "cpu" else {}
 
 
-def _top_level() -> bool:
-    """Whether a call now runs eagerly (not staged into an enclosing ``jax.jit``)."""
-    try:
-        from jax._src import core
-        return core.trace_state_clean()
-    except (ImportError, AttributeError):  # a JAX without it: no options, never an error
+try:  # whether a call now runs eagerly, not staged into an enclosing ``jax.jit``
+    from jax._src.core import trace_state_clean as _top_level
+except ImportError:  # a JAX without it: every call as if nested (no options, never an error)
+    def _top_level() -> bool:
         return False
 
 
