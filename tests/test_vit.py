@@ -37,6 +37,26 @@ def test_parameter_names_follow_timms_keys():
     assert p["pos_embed"].shape == (1, 197, 192) and p["cls_token"].shape == (1, 1, 192)
 
 
+def test_layer_norms_written_out_gradient_is_autodiffs_of_the_formula():
+    """vit.normalise's custom backward (first order, and the second order NCCL's nested
+    gradients take) against JAX's autodiff of the plain formula."""
+    def plain(x):
+        mu = x.mean(-1, keepdims=True)
+        return (x - mu) / jnp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6)
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(2.0, 3.0, (4, 5, 16)), jnp.float32)
+    g, w = (jnp.asarray(rng.normal(size=(4, 5, 16)), jnp.float32) for _ in range(2))
+    mine, ref = (jax.vjp(lambda x: f(x), x)[1](g)[0] for f in (lambda x: vit.normalise(x, 1e-6), plain))
+    np.testing.assert_allclose(mine, ref, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(ref).max()) > 0.1  # a gradient worth comparing
+
+    def second(f):  # d/dx of <grad_x <f(x), w>, g>
+        return jax.grad(lambda x: jnp.vdot(jax.grad(lambda x: jnp.vdot(f(x), w))(x), g))(x)
+
+    np.testing.assert_allclose(second(lambda x: vit.normalise(x, 1e-6)), second(plain), rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def small():
     # jitted, here and in the tests below: op by op, every primitive is a compile of its own

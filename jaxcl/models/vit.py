@@ -72,11 +72,36 @@ class LayerNorm(nn.Module):
 
 
 def normalise(x, epsilon: float):
-    """(x - mean) / sqrt(var + eps) over the last axis, in float32."""
-    x = x.astype(jnp.float32)
+    """(x - mean) / sqrt(var + eps) over the last axis, in float32, with its gradient
+    written out: ``rstd * (g - mean(g) - xhat * mean(g * xhat))`` from the saved ``xhat``
+    and ``rstd``. Autodiff's own backward of these lines is several times longer, and
+    XLA:CPU spent a tenth of W6's train step in it (benchmarks/RESULTS.md)."""
+    return _normalise(x.astype(jnp.float32), epsilon)
+
+
+def _stats(x, epsilon):
     mean = jnp.mean(x, -1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + epsilon)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    return (x - mean) * rstd, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _normalise(x, epsilon):
+    return _stats(x, epsilon)[0]
+
+
+def _normalise_fwd(x, epsilon):
+    xhat, rstd = _stats(x, epsilon)
+    return xhat, (xhat, rstd)
+
+
+def _normalise_bwd(epsilon, res, g):
+    xhat, rstd = res
+    return (rstd * (g - jnp.mean(g, -1, keepdims=True) - xhat * jnp.mean(g * xhat, -1, keepdims=True)),)
+
+
+_normalise.defvjp(_normalise_fwd, _normalise_bwd)
 
 
 class PatchEmbed(nn.Module):
