@@ -118,12 +118,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.loop.steps_per_call = "auto"  # train steps per compiled call; auto or an integer >= 1
     # how a call runs its steps: scan (a lax.scan, one copy of the step compiled), unrolled (K copies in a
     # row, padding steps masked with jnp.where: no step inside a loop or conditional), auto (unrolled on
-    # CPU when the step has a convolution, which XLA:CPU runs ~20x slower inside a loop; else scan)
+    # CPU when the model has a convolution, which XLA:CPU runs ~20x slower inside a loop; else scan)
     c.loop.chunk = "auto"
     # how several runs (--seeds, a sweep) share one program: vmap (a leading run axis, every compiled function
     # vmapped), map (each function compiled for one run and called for every run of a run group in turn, the
     # groups of mesh.runs side by side), auto (map on CPU
-    # when the step has a convolution, which XLA:CPU runs ~7x slower vmapped, as a grouped convolution; else vmap)
+    # when the model has a convolution, which XLA:CPU runs ~7x slower vmapped, as a grouped convolution; else vmap)
     c.loop.run_axis = "auto"
 
     c.mesh = ml_collections.ConfigDict()

@@ -150,22 +150,18 @@ def make_train_chunk(method: methods.Method, tx, augment: bool, resident: bool, 
     return train_chunk
 
 
-def has_convolution(fn: Callable, *args) -> bool:
-    """Whether ``fn(*args)`` computes a convolution anywhere (nested calls, custom
-    gradients and control flow included), read from its jaxpr."""
-
-    def walk(jaxpr) -> bool:
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
-                return True
-            for v in eqn.params.values():
-                for sub in v if isinstance(v, (tuple, list)) else (v,):
-                    sub = getattr(sub, "jaxpr", sub)
-                    if hasattr(sub, "eqns") and walk(sub):
-                        return True
-        return False
-
-    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+def _jaxpr_has_convolution(jaxpr) -> bool:
+    """Whether ``jaxpr`` computes a convolution anywhere (nested calls, custom gradients
+    and control flow included)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            return True
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns") and _jaxpr_has_convolution(sub):
+                    return True
+    return False
 
 
 def run_map(S, make: Callable, in_axes, donate_argnums=(), out_shardings=None) -> Callable:
@@ -384,9 +380,9 @@ def auto_runs(config, n_runs: int, pipeline: str = "memory") -> tuple[int, str]:
 
 
 def _loop_kinds(S: Setup, conv_cpu: Callable[[], bool]) -> tuple[str, str]:
-    """``loop.chunk`` and ``loop.run_axis`` with ``auto`` resolved. On CPU, when the train
-    step computes a convolution: ``unrolled`` (XLA:CPU runs one inside a loop or a
-    conditional ~20x slower) and ``map`` (~7x slower ``vmap``-ed over runs, as a grouped
+    """``loop.chunk`` and ``loop.run_axis`` with ``auto`` resolved. On CPU, when the model
+    computes a convolution (then so does its train step): ``unrolled`` (XLA:CPU runs one
+    inside a loop or a conditional ~20x slower) and ``map`` (~7x slower ``vmap``-ed over runs, as a grouped
     convolution); see benchmarks/RESULTS.md, issue 18. Otherwise ``scan`` (one compiled
     copy of the step: the point of the device loop on GPU/TPU, and as fast on CPU for
     dense models) and ``vmap`` (all runs in one batched program)."""
@@ -396,14 +392,6 @@ def _loop_kinds(S: Setup, conv_cpu: Callable[[], bool]) -> tuple[str, str]:
         chunk = ("unrolled" if conv else "scan") if chunk == "auto" else chunk
         axis = ("map" if conv else "vmap") if axis == "auto" else axis
     return chunk, axis
-
-
-def _step_has_convolution(config, method, tx, streams) -> bool:
-    batch = _first_batch(config, streams)
-    state = jax.eval_shape(_init_of(batch["x"])(method, tx), jax.random.PRNGKey(0))
-    step = make_train_step(method, tx, config.data.augment)
-    phase = method.phases(0)[0].name
-    return has_convolution(lambda st, b: step(st, b, jnp.int32(0), phase), state, batch)
 
 
 def _auto_steps_per_call(S: Setup) -> int:
@@ -427,8 +415,10 @@ def _auto_steps_per_call(S: Setup) -> int:
     return min(range(1, AUTO_STEPS_PER_CALL + 1), key=lambda k: (cost(k), -k))
 
 
-def _check_input_shape(model, info, config) -> None:
-    """Refuse, by name, images the model cannot take (say, too small for its pooling)."""
+def _check_input_shape(model, info, config) -> bool:
+    """Refuse, by name, images the model cannot take (say, too small for its pooling).
+    Returns whether the model's forward computes a convolution, read from the same trace
+    (the loop's ``auto`` choices on CPU, :func:`_loop_kinds`)."""
     x = jnp.zeros((1,) + tuple(info.input_shape), jnp.float32)
     task = jnp.zeros((), jnp.int32)
     where = f"model.name={config.model.name} cannot take images of shape {tuple(info.input_shape)} " \
@@ -439,13 +429,14 @@ def _check_input_shape(model, info, config) -> None:
         return model.apply(variables, x, task, False, capture_intermediates=True, mutable=["intermediates"])[1]
 
     try:
-        inner = jax.eval_shape(forward)
+        traced, inner = jax.make_jaxpr(forward, return_shape=True)()
     except Exception as e:  # noqa: BLE001 - the model's own error, named in our words below
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise data.DataError(f"{where}: {first}") from None
     empty = [jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_flatten_with_path(inner)[0] if 0 in a.shape]
     if empty:  # pooled down to nothing: the loss would be NaN
         raise data.DataError(f"{where}: {empty[0]} has an empty output (the image is too small for its pooling)")
+    return _jaxpr_has_convolution(traced.jaxpr)
 
 
 def setup(config) -> Setup:
@@ -458,13 +449,12 @@ def setup(config) -> Setup:
     streams, run_stream = _streams(config, seeds)
     info = streams[0].info
     model = models.build(config.model, info)
-    _check_input_shape(model, info, config)
+    conv = _check_input_shape(model, info, config)
     # runs share one program; a single run takes its own (swept) values as constants
     base = run_configs[0] if len(runs) == 1 else config
     method = methods.build(base, model, info)
     tx = optim.make(base.optimizer)
-    conv_cpu = functools.cache(  # traced only when an auto choice asks
-        lambda: jax.devices()[0].platform == "cpu" and _step_has_convolution(config, method, tx, streams))
+    conv_cpu = lambda: conv and jax.devices()[0].platform == "cpu"  # noqa: E731
     smallest = min(len(t.x_train) for s in streams for t in s.tasks)
     if smallest < config.batch_size:
         raise data.DataError(f"batch_size={config.batch_size} is larger than the smallest task's "
