@@ -379,18 +379,17 @@ def auto_runs(config, n_runs: int, pipeline: str = "memory") -> tuple[int, str]:
     return groups, f"auto: {n_runs} runs over {free} free device group(s)"
 
 
-def _loop_kinds(S: Setup, conv_cpu: Callable[[], bool]) -> tuple[str, str]:
+def _loop_kinds(S: Setup, conv_cpu: bool) -> tuple[str, str]:
     """``loop.chunk`` and ``loop.run_axis`` with ``auto`` resolved. On CPU, when the model
-    computes a convolution (then so does its train step): ``unrolled`` (XLA:CPU runs one
-    inside a loop or a conditional ~20x slower) and ``map`` (~7x slower ``vmap``-ed over runs, as a grouped
-    convolution); see benchmarks/RESULTS.md, issue 18. Otherwise ``scan`` (one compiled
-    copy of the step: the point of the device loop on GPU/TPU, and as fast on CPU for
-    dense models) and ``vmap`` (all runs in one batched program)."""
+    computes a convolution (``conv_cpu``; then so does its train step): ``unrolled``
+    (XLA:CPU runs one inside a loop or a conditional ~20x slower) and ``map`` (~7x slower
+    ``vmap``-ed over runs, as a grouped convolution); see benchmarks/RESULTS.md, issue 18.
+    Otherwise ``scan`` (one compiled copy of the step: the point of the device loop on
+    GPU/TPU, and as fast on CPU for dense models) and ``vmap`` (all runs in one batched
+    program)."""
     chunk, axis = S.config.loop.chunk, S.config.loop.run_axis
-    if "auto" in (chunk, axis):
-        conv = conv_cpu()
-        chunk = ("unrolled" if conv else "scan") if chunk == "auto" else chunk
-        axis = ("map" if conv else "vmap") if axis == "auto" else axis
+    chunk = ("unrolled" if conv_cpu else "scan") if chunk == "auto" else chunk
+    axis = ("map" if conv_cpu else "vmap") if axis == "auto" else axis
     return chunk, axis
 
 
@@ -454,7 +453,7 @@ def setup(config) -> Setup:
     base = run_configs[0] if len(runs) == 1 else config
     method = methods.build(base, model, info)
     tx = optim.make(base.optimizer)
-    conv_cpu = lambda: conv and jax.devices()[0].platform == "cpu"  # noqa: E731
+    conv_cpu = conv and jax.devices()[0].platform == "cpu"
     smallest = min(len(t.x_train) for s in streams for t in s.tasks)
     if smallest < config.batch_size:
         raise data.DataError(f"batch_size={config.batch_size} is larger than the smallest task's "

@@ -47,7 +47,7 @@ def test_layer_norms_written_out_gradient_is_autodiffs_of_the_formula():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(2.0, 3.0, (4, 5, 16)), jnp.float32)
     g, w = (jnp.asarray(rng.normal(size=(4, 5, 16)), jnp.float32) for _ in range(2))
-    mine, ref = (jax.vjp(lambda x: f(x), x)[1](g)[0] for f in (lambda x: vit.normalise(x, 1e-6), plain))
+    mine, ref = (jax.vjp(f, x)[1](g)[0] for f in (lambda x: vit.normalise(x, 1e-6), plain))
     np.testing.assert_allclose(mine, ref, rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(ref).max()) > 0.1  # a gradient worth comparing
 
