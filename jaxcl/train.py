@@ -125,10 +125,17 @@ def make_train_chunk(method: methods.Method, tx, augment: bool, resident: bool, 
     that no step sits inside a loop or a conditional: XLA:CPU runs a convolution there
     ~20x slower (its weight-gradient convolutions keep a layout it has no fast kernel for),
     see ``loop.chunk``. Both compute the same numbers."""
-    step = make_train_step(method, tx, augment)
+    train_step = make_train_step(method, tx, augment)
 
     def train_chunk(state: State, src, xs: dict, task: jax.Array, phase: str):
         TRACES["train_chunk"] += 1
+        # the step traced once per chunk, whichever copies and shape queries use it (jit's
+        # trace cache: same function, same argument types); inlined, so the program is
+        # what calling the step directly gives
+        one = jax.jit(functools.partial(train_step, phase=phase), inline=True)
+
+        def step(state, batch, task, phase):
+            return one(state, batch, task)
         if unrolled:
             outs = []
             for k in range(xs["active"].shape[0]):
@@ -264,6 +271,7 @@ class Setup:
     chunk: str = "scan"  # how a compiled call runs its steps: loop.chunk with auto resolved (_loop_kinds)
     run_axis: str = "vmap"  # how several runs share the program: loop.run_axis with auto resolved
     groups_why: str = ""  # why the mesh has its number of run groups (auto_runs)
+    init_make: Callable = None  # _make_init's, made once
 
     @property
     def R(self) -> int:
@@ -568,15 +576,28 @@ def _sample(S: Setup) -> np.ndarray:
 
 
 def _make_init(S: Setup):
-    return _init_of(_sample(S))
+    """``make(method, tx) -> init(rng)`` for :meth:`Setup.lift`/:meth:`Setup.jit`, the
+    same one for every caller of a Setup: with the Setup's own method and optimizer
+    (no sweep) init is one inlined ``jax.jit``, so the run traces it once whether it is
+    asked for the state's shapes (its shardings) or compiled."""
+    if S.init_make is None:
+        S.init_make = _init_of(_sample(S), S.method if not S.hp else None, S.tx)
+    return S.init_make
 
 
-def _init_of(sample):
-    def make(m, tx):
+def _init_of(sample, method=None, tx=None):
+    """``make(m, tx)``; with ``method`` (and ``tx``): that pair's init is traced once (jit's
+    trace cache), a swept pair (built inside the program from traced values) each time."""
+    def init_of(m, tx):
         def init(rng):
             state = m.init(rng, sample)
             return state.replace(opt_state=tx.init(state.params))
         return init
+
+    shared = jax.jit(init_of(method, tx), inline=True) if method is not None else None
+
+    def make(m, t):
+        return shared if m is method and t is tx else init_of(m, t)
 
     return make
 
