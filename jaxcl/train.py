@@ -431,9 +431,9 @@ def _check_input_shape(model, info, config) -> bool:
     where = f"model.name={config.model.name} cannot take images of shape {tuple(info.input_shape)} " \
             "(data.image_size / data.image_shape)"
 
-    def forward():
-        variables = model.init(jax.random.PRNGKey(0), x, task, False)
-        return model.apply(variables, x, task, False, capture_intermediates=True, mutable=["intermediates"])[1]
+    def forward():  # init runs the forward once, keeping every module's output
+        return model.init(jax.random.PRNGKey(0), x, task, False, capture_intermediates=True,
+                          mutable=True)["intermediates"]
 
     try:
         traced, inner = jax.make_jaxpr(forward, return_shape=True)()
