@@ -249,7 +249,7 @@ def pretrained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pretrain")
     c = config_lib.override(jaxcl.get_config("pretrain"), QUIET + [
         f"data.dir={SHARED_DATA}", "model.name=vit_cifar", f"model.depth={DEPTH}", "data.class_order=(0,1,2,3,4)",
-        "data.classes_per_task=5", "data.train_limit=2500", "data.test_limit=500", "epochs=6", "optimizer.name=adam", "optimizer.lr=1e-3",
+        "data.classes_per_task=5", "data.train_limit=2000", "data.test_limit=500", "epochs=5", "optimizer.name=adam", "optimizer.lr=1e-3",
         "optimizer.momentum=0.0", "optimizer.weight_decay=0.0", "optimizer.schedule=constant",
         "data.augment=false", "checkpoint.every_steps=0"])
     with optimized_xla():
