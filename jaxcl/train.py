@@ -590,6 +590,7 @@ def _init_of(sample, method=None, tx=None):
     trace cache), a swept pair (built inside the program from traced values) each time."""
     def init_of(m, tx):
         def init(rng):
+            TRACES["init"] += 1
             state = m.init(rng, sample)
             return state.replace(opt_state=tx.init(state.params))
         return init

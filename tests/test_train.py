@@ -49,6 +49,9 @@ def test_changing_task_does_not_recompile(make_config, tmp_path, monkeypatch, on
                               loop__steps_per_call=4), tmp_path, echo=lambda s: None)
     assert r["data_path"] == ("device" if on_device == "true" else "host")
     assert train.TRACES["train_chunk"] == 1 and train.TRACES["eval_step"] == 1, train.TRACES
+    # traced once each, though the chunk asks for the step's output shapes (its padding
+    # steps' metrics) and setup for init's (the state's shardings) before compiling them
+    assert train.TRACES["train_step"] == 1 and train.TRACES["init"] == 1, train.TRACES
 
 
 def test_finetune_forgets_in_class_incremental_while_joint_does_not(make_config, tmp_path):
