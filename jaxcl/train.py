@@ -132,25 +132,22 @@ def make_train_chunk(method: methods.Method, tx, augment: bool, resident: bool, 
         # the step traced once per chunk, whichever copies and shape queries use it (jit's
         # trace cache: same function, same argument types); inlined, so the program is
         # what calling the step directly gives
-        one = jax.jit(functools.partial(train_step, phase=phase), inline=True)
-
-        def step(state, batch, task, phase):
-            return one(state, batch, task)
+        step = jax.jit(functools.partial(train_step, phase=phase), inline=True)
         if unrolled:
             outs = []
             for k in range(xs["active"].shape[0]):
                 x = jax.tree_util.tree_map(lambda a: a[k], xs)
-                new, out = step(state, _batch(resident, src, x["item"]), task, phase)
+                new, out = step(state, _batch(resident, src, x["item"]), task)
                 state = jax.tree_util.tree_map(lambda n, o: jnp.where(x["active"], n, o), new, state)
                 outs.append(jax.tree_util.tree_map(lambda v: jnp.where(x["active"], v, jnp.zeros_like(v)), out))
             return state, jax.tree_util.tree_map(lambda *v: jnp.stack(v), *outs)
         first = jax.tree_util.tree_map(lambda a: a[0], xs["item"])
-        shapes = jax.eval_shape(lambda s, b: step(s, b, task, phase)[1], state, _batch(resident, src, first))
+        shapes = jax.eval_shape(lambda s, b: step(s, b, task)[1], state, _batch(resident, src, first))
         idle = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
         def body(state, x):
             batch = _batch(resident, src, x["item"])
-            return jax.lax.cond(x["active"], lambda s: step(s, batch, task, phase), lambda s: (s, idle), state)
+            return jax.lax.cond(x["active"], lambda s: step(s, batch, task), lambda s: (s, idle), state)
 
         return jax.lax.scan(body, state, xs)
 
