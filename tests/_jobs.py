@@ -63,8 +63,10 @@ PREAMBLE = textwrap.dedent("""
 def env(devices: int, **more) -> dict:
     """This environment (the test session's compile cache included) on ``devices``
     virtual CPU devices."""
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-                **more)
+    from conftest import xla_flags_without_devices
+
+    flags = f"{xla_flags_without_devices()} --xla_force_host_platform_device_count={devices}".strip()
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **more)
 
 
 def results(text: str) -> list[dict]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from conftest import xla_flags_without_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "accelerator.py"
@@ -40,7 +41,7 @@ def dry_run(tmp_path_factory):
         "train_step": W3_FLOP}}) + "\n")
     out = tmp_path_factory.mktemp("out")
     env = {**_cache_env(), **os.environ, "PYTHONPATH": str(ROOT)}  # a cache set in the environment wins
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags_without_devices()
     p = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--peers", str(peers),
                         "--peers-python", sys.executable], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=1200)

@@ -10,6 +10,7 @@ import sys
 import warnings
 
 import pytest
+from conftest import xla_flags_without_devices
 
 from jaxcl import data
 
@@ -125,7 +126,7 @@ def test_the_device_path_on_eight_virtual_cpu_devices_finishes(tmp_path):
     flag needs a fresh process, and the deadlock needs that long chain of device work."""
     wd = tmp_path / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # the 8 devices come from --devices
+    env["XLA_FLAGS"] = xla_flags_without_devices()  # the 8 devices come from --devices
     proc = jaxcl_cli("run", "split_digits:method=ewc", "--devices", "8", "--workdir", wd, "--set", "mesh.data=8",
                      "--set", "epochs=1",
                      "--set", "num_tasks=1", "--set", "data.classes_per_task=10", "--set", "batch_size=16",

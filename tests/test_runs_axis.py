@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 from _jobs import launch, run_script
+from conftest import xla_flags_without_devices
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import jaxcl
@@ -457,7 +458,7 @@ def test_devices_auto_gives_each_core_its_runs(tmp_path):
     cores = len(os.sched_getaffinity(0))
     want = max(d for d in range(1, min(cores, 2) + 1) if 2 % d == 0)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags_without_devices()
     wd = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "jaxcl.cli", "run", "split_digits:method=finetune", "--devices", "auto",
                            "--seeds", "0", "1", "--workdir", str(wd), "--set", "epochs=1", "--set", "num_tasks=2",
