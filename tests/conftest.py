@@ -59,11 +59,11 @@ def pytest_configure(config):
     # suite that way too.
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
     # With those passes off, XLA:CPU's elemental emitters compile ~40 % faster than its MLIR
-    # fusion emitters (the default), at the same numbers; with them on the MLIR ones are faster
-    # to compile, but XLA reads the flag once per process, so the few optimised blocks
-    # (optimized_xla) pay ~40 % more compile: the suite 21:51 -> see RESULTS.md "Fusion
-    # emitters". Through the environment, so subprocesses compile the same way; an XLA_FLAGS
-    # of your own that names the option wins. Before anything starts JAX's backend.
+    # fusion emitters (the default); with them on, the MLIR ones compile faster, but XLA reads
+    # the flag once per process, so the few optimised blocks (optimized_xla) pay ~35 % more
+    # compile. Cold suite 21:51 -> 15:49 (benchmarks/RESULTS.md, "Fusion emitters"). Through
+    # the environment, so subprocesses compile the same way; an XLA_FLAGS of your own that
+    # names the option wins. Set before anything starts JAX's backend.
     if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("", "0") and \
             "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
