@@ -64,9 +64,10 @@ def pytest_configure(config):
     # compile. Cold suite 21:51 -> 15:49 (benchmarks/RESULTS.md, "Fusion emitters"). Through
     # the environment, so subprocesses compile the same way; an XLA_FLAGS of your own that
     # names the option wins. Set before anything starts JAX's backend.
+    emitters = "--xla_cpu_use_fusion_emitters=false"
     if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("", "0") and \
-            "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
+            "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "") and _xla_knows(emitters):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {emitters}".strip()
     if "jax" in sys.modules:  # imported before us (a plugin): its flags already read the environment
         import jax
 
@@ -76,6 +77,22 @@ def pytest_configure(config):
         jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                           int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
         jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("", "0"))
+
+
+def _xla_knows(flag: str) -> bool:
+    """Whether this jaxlib's XLA accepts ``flag`` in XLA_FLAGS: XLA aborts a process whose
+    XLA_FLAGS names a flag it does not know (a newer or older jaxlib, the accelerator
+    check's image), so a child process is asked first (~2 s, once: the xdist workers
+    inherit the answer through the environment)."""
+    import subprocess
+
+    answer = os.environ.get("JAXCL_TEST_XLA_KNOWS")
+    if answer is None:
+        env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+        child = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
+                               timeout=300)
+        answer = os.environ["JAXCL_TEST_XLA_KNOWS"] = "1" if child.returncode == 0 else "0"
+    return answer == "1"
 
 
 def xla_flags_without_devices() -> str:
