@@ -33,21 +33,23 @@ PREAMBLE = textwrap.dedent("""
         print("RESULT " + json.dumps(kw), flush=True)
 
     # run() with Checkpointer.save raising at its n-th call (every process alike), as
-    # conftest's crash_at_save fixture does in the test process; returns the saves
-    # attempted. A run that never reaches save n fails the job.
-    def die_at_save(n, run):
+    # conftest's crash_at_save fixture does in the test process; or, given ``when``, at
+    # the n-th call whose meta ``when(meta)`` accepts. Returns the saves attempted. A run
+    # that never reaches that save fails the job.
+    def die_at_save(n, run, when=None):
         from jaxcl.checkpoint import Checkpointer
 
         class Died(Exception):
             pass
 
-        real, calls = Checkpointer.save, [0]
+        real, calls, hits = Checkpointer.save, [0], [0]
 
-        def dying(self, *a, **k):
+        def dying(self, index, state, meta, *a, **k):
             calls[0] += 1
-            if calls[0] == n:
+            hits[0] += when is None or bool(when(meta))
+            if hits[0] == n:
                 raise Died()
-            return real(self, *a, **k)
+            return real(self, index, state, meta, *a, **k)
 
         Checkpointer.save = dying
         try:
@@ -60,23 +62,25 @@ PREAMBLE = textwrap.dedent("""
 """)
 
 
-def env(devices: int, **more) -> dict:
+def env(devices: int, optimized: bool = False, **more) -> dict:
     """This environment (the test session's compile cache included) on ``devices``
-    virtual CPU devices."""
-    from conftest import xla_flags_without_devices
+    virtual CPU devices; ``optimized``: compiling with XLA's full optimisation
+    (conftest.optimized_env)."""
+    from conftest import optimized_env, xla_flags_without_devices
 
-    flags = f"{xla_flags_without_devices()} --xla_force_host_platform_device_count={devices}".strip()
-    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **more)
+    base = optimized_env() if optimized else dict(os.environ)
+    flags = f"{xla_flags_without_devices(base['XLA_FLAGS'])} --xla_force_host_platform_device_count={devices}"
+    return dict(base, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", **more)
 
 
 def results(text: str) -> list[dict]:
     return [json.loads(x[7:]) for x in text.splitlines() if x.startswith("RESULT ")]
 
 
-def run_script(body: str, argv: list[str], devices: int, timeout: int = 1500) -> list[dict]:
+def run_script(body: str, argv: list[str], devices: int, timeout: int = 1500, optimized: bool = False) -> list[dict]:
     """PREAMBLE + ``body`` in one process of ``devices`` devices; its RESULT lines."""
-    proc = subprocess.run([sys.executable, "-c", PREAMBLE + textwrap.dedent(body), *argv], env=env(devices),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-c", PREAMBLE + textwrap.dedent(body), *argv],
+                          env=env(devices, optimized), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return results(proc.stdout)
 

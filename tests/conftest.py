@@ -20,7 +20,6 @@ all of its time is XLA compiling small programs, not training them):
   heavy new file in ``HEAVY_FIRST``."""
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -60,14 +59,15 @@ def pytest_configure(config):
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
     # With those passes off, XLA:CPU's elemental emitters compile ~40 % faster than its MLIR
     # fusion emitters (the default); with them on, the MLIR ones compile faster, but XLA reads
-    # the flag once per process, so the few optimised blocks (optimized_xla) pay ~35 % more
-    # compile. Cold suite 21:51 -> 15:49 (benchmarks/RESULTS.md, "Fusion emitters"). Through
+    # the flag once per process, so the few optimised blocks run in processes of their own
+    # (optimized_env). Cold suite 21:51 -> 15:49 (benchmarks/RESULTS.md, "Fusion emitters"). Through
     # the environment, so subprocesses compile the same way; an XLA_FLAGS of your own that
     # names the option wins. Set before anything starts JAX's backend.
     emitters = "--xla_cpu_use_fusion_emitters=false"
     if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("", "0") and \
             "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "") and _xla_knows(emitters):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {emitters}".strip()
+        os.environ["JAXCL_TEST_ADDED_XLA_FLAGS"] = emitters  # the workers inherit both: optimized_env drops it
     if "jax" in sys.modules:  # imported before us (a plugin): its flags already read the environment
         import jax
 
@@ -95,11 +95,11 @@ def _xla_knows(flag: str) -> bool:
     return answer == "1"
 
 
-def xla_flags_without_devices() -> str:
-    """The session's XLA_FLAGS (the emitter choice above) without a host device count, for
-    a subprocess whose devices come from its own command line."""
-    return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                    if not f.startswith("--xla_force_host_platform_device_count"))
+def xla_flags_without_devices(flags: str | None = None) -> str:
+    """The session's XLA_FLAGS (the emitter choice above), or ``flags``, without a host
+    device count, for a subprocess whose devices come from its own command line."""
+    flags = os.environ.get("XLA_FLAGS", "") if flags is None else flags
+    return " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
 
 
 # JAXCL_TEST_TIMES=<file>: one tab-separated line per test (its setup, call and teardown):
@@ -171,27 +171,15 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its own order
 
 
-@contextlib.contextmanager
-def optimized_xla():
-    """XLA's full optimisation inside the block (the session turns most of it off, see
-    pytest_configure): for runtime-heavy runs, whose training time outweighs the longer
-    compile (test_prompts.py's CIFAR runs), and for claims about the programs users
-    compile."""
-    import jax
-
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", before)
-
-
-@pytest.fixture
-def optimized_compiles():
-    """:func:`optimized_xla` for one test."""
-    with optimized_xla():
-        yield
+def optimized_env() -> dict:
+    """The environment of a child process that compiles with XLA's full optimisation, as
+    users do: for a runtime-heavy block (test_prompts.py's CIFAR-10 runs), whose training
+    time outweighs the longer compile. XLA reads its flags once per process, so such a
+    block runs in a process of its own, without the session's emitter choice (with the
+    optimisations on, the default emitters compile faster: that block 351 -> 258 CPU s)."""
+    added = os.environ.get("JAXCL_TEST_ADDED_XLA_FLAGS", "").split()
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f not in added)
+    return dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="0", XLA_FLAGS=flags)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ CPU-size ViT (``vit_cifar``).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -20,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _jobs import run_script
 
 import jaxcl
 from jaxcl import checkpoint, methods
 from jaxcl import config as config_lib
 from jaxcl.methods import _ptm, ranpac
 from jaxcl.models import vit
-from conftest import optimized_xla
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PTM = tuple(methods.on_a_vit())
@@ -241,27 +242,17 @@ def test_the_prompt_methods_differentiate_only_what_they_train():
 # ----------------------------------------------------------------------------- real CIFAR-10
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A vit_cifar trained on CIFAR-10 classes 0-4 (the 'pretrained model' of these tests)."""
-    if not (SHARED_DATA / "cifar10.npz").exists():
-        pytest.skip(f"real data not present at {SHARED_DATA}")
-    workdir = tmp_path_factory.mktemp("pretrain")
-    c = config_lib.override(jaxcl.get_config("pretrain"), QUIET + [
-        f"data.dir={SHARED_DATA}", "model.name=vit_cifar", f"model.depth={DEPTH}", "data.class_order=(0,1,2,3,4)",
-        "data.classes_per_task=5", "data.train_limit=2000", "data.test_limit=500", "epochs=5", "optimizer.name=adam", "optimizer.lr=1e-3",
-        "optimizer.momentum=0.0", "optimizer.weight_decay=0.0", "optimizer.schedule=constant",
-        "data.augment=false", "checkpoint.every_steps=0"])
-    with optimized_xla():
-        r = jaxcl.run(c, workdir, echo=lambda s: None)
-    assert r["accuracy_matrix"][0][0] > 0.4  # it learned something to start from
-    return workdir, SHARED_DATA
+PRETRAIN = ("pretrain", QUIET + [
+    f"data.dir={SHARED_DATA}", "model.name=vit_cifar", f"model.depth={DEPTH}", "data.class_order=(0,1,2,3,4)",
+    "data.classes_per_task=5", "data.train_limit=2000", "data.test_limit=500", "epochs=5", "optimizer.name=adam",
+    "optimizer.lr=1e-3", "optimizer.momentum=0.0", "optimizer.weight_decay=0.0", "optimizer.schedule=constant",
+    "data.augment=false", "checkpoint.every_steps=0"])
 
 
-def _cl_config(name, pretrained_dir, data_dir, **sets):
+def _cl_spec(name, pretrained_dir, data_dir, **sets) -> tuple[str, list[str]]:
     """Class-incremental CIFAR-10 classes 5-8 in 2 tasks from the pretrained trunk, with
-    the runlocal settings of the paper config for ``name`` (its layers fitted to DEPTH)."""
-    base = jaxcl.get_config(f"ptm_cifar100:runlocal=1,method={name}")
+    the runlocal settings of the paper config for ``name`` (its layers fitted to DEPTH):
+    (config spec, --set strings)."""
     values = {"data.name": "cifar10", "data.source": "npz", "data.dir": str(data_dir), "data.pipeline": "memory",
               "data.image_size": 0, "data.class_order": "(5,6,7,8)", "data.classes_per_task": 2, "num_tasks": 2,
               "data.train_limit": 400, "data.test_limit": 200, "data.allow_missing_classes": False, "epochs": 3,
@@ -272,18 +263,76 @@ def _cl_config(name, pretrained_dir, data_dir, **sets):
     if name == "coda_prompt":  # its head starts random (L2P's and DualPrompt's at zero): more steps to learn
         values.update({"optimizer.lr": 1e-2, "epochs": 4})
     values.update(sets)
-    return config_lib.override(base, QUIET + [f"{k}={v}" for k, v in values.items()])
+    return f"ptm_cifar100:runlocal=1,method={name}", QUIET + [f"{k}={v}" for k, v in values.items()]
+
+
+def _cl_config(name, pretrained_dir, data_dir, **sets):
+    spec, sets = _cl_spec(name, pretrained_dir, data_dir, **sets)
+    return config_lib.override(jaxcl.get_config(spec), sets)
+
+
+# The block runs in one process of its own that compiles with XLA's full optimisation, as
+# users do (conftest.optimized_env: its training outweighs the longer compiles): the
+# pretraining (a vit_cifar on CIFAR-10 classes 0-4: the "pretrained model" of these tests),
+# each method's class-incremental run from it, and CODA-Prompt killed mid-task and resumed.
+# One RESULT line each.
+CIFAR_SCRIPT = """
+    import jax, numpy as np
+    import jaxcl
+    from jaxcl import checkpoint, config as C
+    jobs = json.loads(args[0])
+
+    def run(spec, sets, workdir, **kw):
+        return jaxcl.run(C.override(jaxcl.get_config(spec), sets), workdir, echo=lambda s: None, **kw)
+
+    for name, spec, sets, workdir in jobs["runs"]:  # the pretraining first
+        r = run(spec, sets, workdir)
+        emit(what="run", name=name, workdir=workdir, accuracy_matrix=r["accuracy_matrix"], forgetting=r["forgetting"])
+    spec, sets, uncut, cut = jobs["resume"]
+    full = run(spec, sets, uncut)
+    # dies at the save after step 2 of task 2: resumes from step 1's
+    saves = die_at_save(1, lambda: run(spec, sets, cut),
+                        when=lambda meta: meta["position"]["task"] == 1 and meta["position"]["batch"] >= 2)
+    resumed = run(spec, sets, cut, resume=True)
+    same = jax.tree_util.tree_map(np.array_equal, checkpoint.load_state(uncut)["params"],
+                                  checkpoint.load_state(cut)["params"])
+    emit(what="resume", full=full["accuracy_matrix"], resumed=resumed["accuracy_matrix"], saves=saves,
+         params_equal={jax.tree_util.keystr(k): bool(v) for k, v in jax.tree_util.tree_flatten_with_path(same)[0]})
+"""
 
 
 @pytest.fixture(scope="module")
-def cl_runs(pretrained, tmp_path_factory):
-    pre, data_dir = pretrained
-    out = {}
-    with optimized_xla():
-        for name in PTM + ("finetune",):
-            wd = tmp_path_factory.mktemp(name)
-            out[name] = (jaxcl.run(_cl_config(name, pre, data_dir), wd, echo=lambda s: None), wd)
-    return pre, out
+def cifar(tmp_path_factory):
+    """``({name: its RESULT}, the resume RESULT)`` of CIFAR_SCRIPT."""
+    if not (SHARED_DATA / "cifar10.npz").exists():
+        pytest.skip(f"real data not present at {SHARED_DATA}")
+    out = tmp_path_factory.mktemp("cifar")
+    pre = out / "pretrain"
+    runs = [("pretrain", *PRETRAIN, str(pre))]
+    runs += [(name, *_cl_spec(name, pre, SHARED_DATA), str(out / name)) for name in PTM + ("finetune",)]
+    # CODA-Prompt changes its arrays and masks at each task start (Gram-Schmidt from the run's
+    # key): 3 steps a task (the programs of its run above, from the compile cache), a
+    # checkpoint every step
+    resume = [*_cl_spec("coda_prompt", pre, SHARED_DATA, epochs=1, **{
+        "data.train_limit": 96, "data.test_limit": 64, "checkpoint.every_steps": 1}), str(out / "full"), str(out / "cut")]
+    found = run_script(CIFAR_SCRIPT, [json.dumps({"runs": runs, "resume": resume})], devices=1, optimized=True)
+    return {x["name"]: x for x in found if x["what"] == "run"}, next(x for x in found if x["what"] == "resume")
+
+
+@pytest.fixture(scope="module")
+def pretrained(cifar):
+    """(the pretrained vit_cifar's workdir, the data folder)."""
+    return Path(cifar[0]["pretrain"]["workdir"]), SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def cl_runs(cifar, pretrained):
+    runs, _ = cifar
+    return pretrained[0], {name: (runs[name], runs[name]["workdir"]) for name in PTM + ("finetune",)}
+
+
+def test_the_pretrained_model_learned_its_classes(cifar):
+    assert cifar[0]["pretrain"]["accuracy_matrix"][0][0] > 0.4  # 5 classes: chance 0.2
 
 
 def _trunk(state: dict) -> dict:
@@ -329,28 +378,14 @@ def test_coda_prompt_freezes_the_earlier_tasks_components(cl_runs):
         assert not np.array_equal(first[k][:, half:], last[k][:, half:])  # task 2 initialised and trained its own
 
 
-def test_coda_prompt_resumes_exactly_after_a_crash_mid_task(pretrained, tmp_path, crash_at_save,
-                                                          optimized_compiles):
+def test_coda_prompt_resumes_exactly_after_a_crash_mid_task(cifar):
     """CODA-Prompt changes its arrays and masks at each task start (Gram-Schmidt from the
-    run's key): a run killed mid-task and resumed ends bit-identical to the one that was
-    not. 3 steps a task (the module's CODA-Prompt programs, compiled the same way: cache
-    hits), a checkpoint every step."""
-    pre, data_dir = pretrained
-    c = _cl_config("coda_prompt", pre, data_dir, epochs=1, **{"data.train_limit": 96, "data.test_limit": 64,
-                                                               "checkpoint.every_steps": 1})
-    from conftest import Crash
-
-    full = jaxcl.run(c, tmp_path / "full", echo=lambda s: None)
-
-    def mid_second_task(call, meta):  # dies at the save after step 2 of task 2: resumes from step 1's
-        if meta["position"]["task"] == 1 and meta["position"]["batch"] >= 2:
-            raise Crash()
-
-    crash_at_save(lambda: jaxcl.run(c, tmp_path / "cut", echo=lambda s: None), 10 ** 6, mid_second_task)
-    resumed = jaxcl.run(c, tmp_path / "cut", resume=True, echo=lambda s: None)
-    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
-    jax.tree_util.tree_map(np.testing.assert_array_equal, checkpoint.load_state(tmp_path / "full")["params"],
-                           checkpoint.load_state(tmp_path / "cut")["params"])
+    run's key): a run killed mid-task (CIFAR_SCRIPT) and resumed ends bit-identical to the
+    one that was not."""
+    r = cifar[1]
+    assert r["saves"] >= 3  # it died in the second task, after saves of the first
+    assert r["resumed"] == r["full"]
+    assert r["params_equal"] and all(r["params_equal"].values()), r["params_equal"]
 
 
 def test_l2p_seeds_and_a_pull_sweep_run_in_one_program(pretrained, tmp_path):
