@@ -69,7 +69,7 @@ def env(devices: int, optimized: bool = False, **more) -> dict:
     from conftest import optimized_env, xla_flags_without_devices
 
     base = optimized_env() if optimized else dict(os.environ)
-    flags = f"{xla_flags_without_devices(base['XLA_FLAGS'])} --xla_force_host_platform_device_count={devices}"
+    flags = f"{xla_flags_without_devices(base.get('XLA_FLAGS', ''))} --xla_force_host_platform_device_count={devices}"
     return dict(base, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", **more)
 
 

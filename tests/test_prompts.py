@@ -310,9 +310,8 @@ def cifar(tmp_path_factory):
     pre = out / "pretrain"
     runs = [("pretrain", *PRETRAIN, str(pre))]
     runs += [(name, *_cl_spec(name, pre, SHARED_DATA), str(out / name)) for name in PTM + ("finetune",)]
-    # CODA-Prompt changes its arrays and masks at each task start (Gram-Schmidt from the run's
-    # key): 3 steps a task (the programs of its run above, from the compile cache), a
-    # checkpoint every step
+    # CODA-Prompt's kill-and-resume: 3 steps a task (the programs of its run above, from the
+    # compile cache), a checkpoint every step
     resume = [*_cl_spec("coda_prompt", pre, SHARED_DATA, epochs=1, **{
         "data.train_limit": 96, "data.test_limit": 64, "checkpoint.every_steps": 1}), str(out / "full"), str(out / "cut")]
     found = run_script(CIFAR_SCRIPT, [json.dumps({"runs": runs, "resume": resume})], devices=1, optimized=True)
