@@ -9,7 +9,7 @@ large}_patch16_224``; ``vit_cifar`` is a CPU-size ViT (patch 4 on 32x32, width 6
 The network: patch embedding (a ``patch`` x ``patch`` stride-``patch`` convolution with bias,
 computed as a ``Dense`` on the flattened patches, which is the same map), a cls token, a learned
 absolute position embedding over cls + patches, ``depth`` pre-norm blocks (LayerNorm eps 1e-6,
-fused qkv ``Dense`` with bias, attention through ``jax.nn.dot_product_attention``, output
+fused qkv ``Dense`` with bias, heads-major attention (float32 softmax), output
 projection, LayerNorm, MLP ``mlp_ratio`` x with exact (erf) GELU), a final LayerNorm and the
 per-task heads (:class:`~jaxcl.models.layers.Heads`). The compute dtype is ``dtype``
 (LayerNorm statistics in float32), dropout and drop-path are off by default.
