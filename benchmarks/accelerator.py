@@ -14,7 +14,6 @@ recorded and the next one starts):
   tests      ``pytest -m accelerator`` (tests/test_accelerator.py: every method trains on the
              device, host and device input paths agree, bfloat16 steps stay finite)
   W1..W6     benchmarks/wN_*.py side by side with the PyTorch peer at ``PEERS_DEVICE=cuda``
-             (W6 once ``benchmarks/w6_l2p_vit.py`` exists)
   W3_bf16    W3 in bfloat16 at batch 256 (and float32 at 256 beside it), with its MFU: the
              peer's FLOP per step (``flops.jsonl``, batch 64) scaled to the batch, against the
              device's dense bf16 matmul rate (H200: 790 TFLOP/s measured)
@@ -345,6 +344,7 @@ TOY_SIZES = {  # module -> constants at toy sizes
     "w3_clr_resnet": {"BATCH": 4},
     "w4_nccl": {"B": 2, "MEM": 8, "config_lib": "method.inner_steps=1"},
     "w5_rescl": {"BATCH": 4},
+    "w6_l2p_vit": {"BATCH": 2, "IMG": 32},  # ViT-Ti/16's 12 blocks on 2x2 patches (+ cls, 25 prompt tokens)
 }
 WORKLOADS = {"W1": "w1_packnet_mlp", "W2": "w2_packnet_resnet", "W3": "w3_clr_resnet", "W4": "w4_nccl",
              "W5": "w5_rescl", "W6": "w6_l2p_vit"}
