@@ -122,15 +122,18 @@ def test_the_device_path_on_eight_virtual_cpu_devices_finishes(tmp_path):
     """The default path (the stream resident on the devices) through a whole task on 8
     virtual devices (``jaxcl run --devices 8``), EWC's consolidation pass a chain of 90 programs with an all-reduce
     each: XLA:CPU deadlocked (and aborted the process after 40 s) when the host ran that
-    chain far ahead of the devices (see jaxcl.sharding.pace). Stays slow (~50 CPU s): the
-    flag needs a fresh process, and the deadlock needs that long chain of device work."""
+    chain far ahead of the devices (see jaxcl.sharding.pace). Stays slow (~13 CPU s): the
+    flag needs a fresh process, and the deadlock needs that much device work a link: with
+    ``sharding.CPU_CHAIN_IN_FLIGHT`` set past the chain (no pacing) this run aborted at
+    hidden (512, 512) 2 of 2 times (once beside a busy core) and at (256, 256) 3 of 3, never
+    at (128, 128) or (64, 64); the hidden (1024, 1024) it had before cost ~35 CPU s."""
     wd = tmp_path / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = xla_flags_without_devices()  # the 8 devices come from --devices
     proc = jaxcl_cli("run", "split_digits:method=ewc", "--devices", "8", "--workdir", wd, "--set", "mesh.data=8",
                      "--set", "epochs=1",
                      "--set", "num_tasks=1", "--set", "data.classes_per_task=10", "--set", "batch_size=16",
-                     "--set", "method.fisher=empirical", "--set", "model.hidden=(1024,1024)",
+                     "--set", "method.fisher=empirical", "--set", "model.hidden=(512,512)",
                      "--set", "log.progress=false", "--set", "log.plots=false", "--set", "log.tensorboard=false",
                      env=env)
     assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-3000:]
