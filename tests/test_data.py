@@ -293,3 +293,18 @@ def test_data_tasks_selects_tasks_of_a_multi_stream(make_config):
     assert [t.name for t in s.tasks] == ["digits[6-7]"]
     with pytest.raises(DataError, match=r"data.tasks: \[9\] out of range"):
         data.build(jaxcl.config.override(c, ["data.tasks=(9,)"]))
+
+
+def test_channel_statistics_are_numpys_over_the_first_ten_thousand_images():
+    from jaxcl.data.streams import _channel_stats
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(10500, 4, 3, 3), dtype=np.uint8)
+    x[:, :, :, 2] //= 7  # the channels differ
+    ref = x[:10000].astype(np.float64) / 255.0
+    mean, std = _channel_stats(x)
+    np.testing.assert_allclose(mean, ref.mean(axis=(0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(std, ref.std(axis=(0, 1, 2)), rtol=1e-6)
+    assert mean.dtype == std.dtype == np.float32
+    # the histogram of uint8 pixels and float64 sums of the same pixels agree
+    np.testing.assert_allclose(_channel_stats(x.astype(np.float32)), (mean, std), rtol=1e-6)
