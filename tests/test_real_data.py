@@ -1,5 +1,9 @@
 """End to end on the real MNIST of ../shared/data (skipped when it is absent)."""
+import os
+
+import jax
 import numpy as np
+import pytest
 
 import jaxcl
 
@@ -15,6 +19,7 @@ def test_split_mnist_class_incremental_finetune_forgets_joint_does_not(make_conf
     assert jt["acc"] > 0.85 and jt["forgetting"] < 0.1
 
 
+@pytest.mark.optimized  # ~280 conv steps: faster code outweighs the longer compile
 def test_multi_dataset_sequence_on_real_data(make_config, shared_data, tmp_path):
     sets = dict(epochs=3, batch_size=32, data__dir=str(shared_data), data__train_limit=1000, data__test_limit=300,
                 model__width=8)
@@ -22,3 +27,15 @@ def test_multi_dataset_sequence_on_real_data(make_config, shared_data, tmp_path)
     assert r["stream"]["tasks"] == ["mnist", "fashion_mnist", "cifar10"]
     R = np.asarray(r["accuracy_matrix"])
     assert R[0, 0] > 0.7 and R[1, 1] > 0.6 and R[2, 2] > 0.2  # each dataset learned in turn (chance: 0.1)
+
+
+@pytest.mark.optimized
+def test_the_optimized_mark_turns_xla_optimisation_on_for_its_test_only():
+    if os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "") in ("", "0"):
+        pytest.skip("this session compiles with XLA's optimisations on already")
+    assert jax.config.read("jax_disable_most_optimizations") is False
+
+
+def test_an_unmarked_test_compiles_as_the_session_does():
+    want = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "") not in ("", "0")
+    assert jax.config.read("jax_disable_most_optimizations") is want
