@@ -1,4 +1,5 @@
-"""End to end on the real MNIST of ../shared/data (skipped when it is absent)."""
+"""End to end on the real MNIST of ../shared/data (skipped when it is absent), and the
+``optimized`` mark (tests/conftest.py) that its multi-dataset run uses."""
 import os
 
 import jax
