@@ -15,6 +15,8 @@ all of its time is XLA compiling small programs, not training them):
   own compiles: only where the process boundary is what is tested;
 - every checkpoint save costs ~0.3 s (Orbax): a small ``checkpoint.every_steps`` only in
   tests about checkpoints, on few tasks;
+- a test whose own training outweighs its compiles: ``@pytest.mark.optimized`` (XLA's
+  passes on for that test), only where cold and warm were both measured to gain;
 - a test that must stay slow says why in one line; see per-test cost with
   ``JAXCL_TEST_TIMES=/tmp/t.tsv pytest -n 0 tests/test_x.py`` (columns below), and put a
   heavy new file in ``HEAVY_FIRST``."""
