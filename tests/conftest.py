@@ -66,7 +66,7 @@ def pytest_configure(config):
     # the environment, so subprocesses compile the same way; an XLA_FLAGS of your own that
     # names the option wins. Set before anything starts JAX's backend.
     emitters = "--xla_cpu_use_fusion_emitters=false"
-    if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("", "0") and \
+    if session_disables_optimizations() and \
             "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "") and _xla_knows(emitters):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {emitters}".strip()
         os.environ["JAXCL_TEST_ADDED_XLA_FLAGS"] = emitters  # the workers inherit both: optimized_env drops it
@@ -78,7 +78,13 @@ def pytest_configure(config):
                           float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
         jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                           int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
-        jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("", "0"))
+        jax.config.update("jax_disable_most_optimizations", session_disables_optimizations())
+
+
+def session_disables_optimizations() -> bool:
+    """Whether this test session compiles with XLA's expensive passes off (the default
+    set above; ``JAX_DISABLE_MOST_OPTIMIZATIONS=0`` or empty turns them back on)."""
+    return os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "") not in ("", "0")
 
 
 def _xla_knows(flag: str) -> bool:
@@ -192,8 +198,7 @@ def _optimized_compiles(request):
     it and keep the session's setting, so compare such a test only with runs it makes
     itself. test_real_data's multi-dataset run: 22.0 -> 10.7 CPU s warm, 22.0 -> 32.9 cold;
     the ViT tests measured no better than -2 s warm for +15-23 s cold (benchmarks/RESULTS.md)."""
-    if request.node.get_closest_marker("optimized") is None or \
-            os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "") in ("", "0"):
+    if request.node.get_closest_marker("optimized") is None or not session_disables_optimizations():
         yield
         return
     import jax

@@ -1,10 +1,9 @@
 """End to end on the real MNIST of ../shared/data (skipped when it is absent), and the
 ``optimized`` mark (tests/conftest.py) that its multi-dataset run uses."""
-import os
-
 import jax
 import numpy as np
 import pytest
+from conftest import session_disables_optimizations
 
 import jaxcl
 
@@ -32,11 +31,10 @@ def test_multi_dataset_sequence_on_real_data(make_config, shared_data, tmp_path)
 
 @pytest.mark.optimized
 def test_the_optimized_mark_turns_xla_optimisation_on_for_its_test_only():
-    if os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "") in ("", "0"):
+    if not session_disables_optimizations():
         pytest.skip("this session compiles with XLA's optimisations on already")
     assert jax.config.read("jax_disable_most_optimizations") is False
 
 
 def test_an_unmarked_test_compiles_as_the_session_does():
-    want = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "") not in ("", "0")
-    assert jax.config.read("jax_disable_most_optimizations") is want
+    assert jax.config.read("jax_disable_most_optimizations") is session_disables_optimizations()
