@@ -18,12 +18,14 @@ resize runs in grain workers, ``data.grain_workers``). None of these is reproduc
 * ``l2p`` (google-research/l2p ``configs/cifar100_l2p.py``): pool 10, prompt length 10,
   top-4, batchwise selection, pull 1.0, Adam, constant lr 0.03 x batch/256 (the code scales
   it so) at batch 128 (its 16 per device on 8 devices), gradient clipping 1.0, 5 epochs.
-  Target 83.83 / 7.63 (L2P paper, Table 1). The weights are the original ImageNet-21k
+  Target 83.83 / 7.63 (L2P paper, Table 1; the official code rerun by the l2p-pytorch
+  port: 82.59 / 7.88). The weights are the original ImageNet-21k
   ViT-B/16 (``ViT-B_16.npz``; timm's ``orig_in21k``). ~10-20 min.
 * ``dualprompt`` (``configs/cifar100_dualprompt.py``): G-prompt length 5 on blocks 0-1,
   E-prompts length 5 on blocks 2-4, pool 10, pull 1.0, Adam lr 0.03 x 192/256 at batch 192
   (24 per device on 8 devices: the devices are our assumption), clipping 1.0, 5 epochs.
-  Target 86.51 / 5.16 (DualPrompt paper, Table 1). ~10-20 min.
+  Target 86.51 / 5.16 (DualPrompt paper, Table 1; the official code rerun by the
+  dualprompt-pytorch port: 85.59 / 5.03). ~10-20 min.
 * ``coda_prompt`` (GT-RIPL/CODA-Prompt ``configs/cifar-100_prompt.yaml``,
   ``experiments/cifar-100.sh``): pool 100, length 8, blocks 0-4, ortho 0, Adam lr 1e-3
   (b1 0.9), cosine over 20 epochs, batch 128. Its code loads timm's
