@@ -113,6 +113,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.progress = True
     c.log.tensorboard = True
     c.log.plots = True
+    # jax.profiler traces of the train calls into WORKDIR/profile (TensorBoard's profile
+    # plugin, xprof and Perfetto read them): profile_steps train steps (whole calls; 0: no
+    # trace) from the first call after profile_after steps of the run, once compiled
+    c.log.profile_steps = 0
+    c.log.profile_after = 10
 
     c.loop = ml_collections.ConfigDict()
     c.loop.steps_per_call = "auto"  # train steps per compiled call; auto or an integer >= 1
@@ -328,6 +333,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.data.image_size >= 0, f"data.image_size: must be >= 0 (0: as stored), got {c.data.image_size}")
     need(c.data.grain_workers >= -1, f"data.grain_workers: must be -1 (auto), 0 or more, got {c.data.grain_workers}")
     need(c.data.memory_budget_mb >= 0, f"data.memory_budget_mb: must be >= 0 (0: auto), got {c.data.memory_budget_mb}")
+    for key in ("profile_steps", "profile_after"):
+        v = c.log[key]
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"log.{key}: must be an integer >= 0, got {v!r}")
     steps_per_call(c)
     need(c.loop.chunk in CHUNKS, f"loop.chunk: {c.loop.chunk!r} is not one of {', '.join(CHUNKS)}")
     need(c.loop.run_axis in RUN_AXES, f"loop.run_axis: {c.loop.run_axis!r} is not one of {', '.join(RUN_AXES)}")

@@ -800,6 +800,7 @@ def train_task(S: Setup, state, t: int, pos: Position, record: dict, hooks) -> S
                 if every_ckpt:  # a chunk ends where a checkpoint is due
                     end = min(end, (record["slots"] // every_ckpt + 1) * every_ckpt - record["slots"] + s)
                 xs = S.feed.train_items(tasks, orders, range(s, end), B, K)
+                hooks.before_call()
                 state, out = train_chunk(state, S.src.get("train"), _items(S, xs, 2 if S.R > 1 else 1), task_id)
                 out = distributed.fetch(out)
                 for r in range(S.R):
@@ -821,6 +822,7 @@ def train_task(S: Setup, state, t: int, pos: Position, record: dict, hooks) -> S
                             bar.set_postfix(loss=f"{means['loss']:.4f}", epoch=e + 1)
                 bar.update(end - s)
                 record["slots"] += end - s
+                hooks.after_call(state)
                 s = end
                 if every_ckpt and record["slots"] % every_ckpt == 0:
                     hooks.save(state, Position(t, p, e, s))
@@ -911,12 +913,46 @@ def summary(runs: list[dict]) -> dict:
 class _Hooks:
     """The loop's side effects: time keeping, checkpoints, the NaN stop, logs."""
 
-    def __init__(self, S: Setup, ckpt, record: dict, t_start: float, wall_before: float, writers):
+    def __init__(self, S: Setup, ckpt, record: dict, t_start: float, wall_before: float, writers, workdir: Path,
+                 echo: Callable[[str], None]):
         self.S, self.ckpt, self.record = S, ckpt, record
         self.t_start, self.wall_before = t_start, wall_before
         self.phase_clock = None
         self.logger = _Logger(S, writers, max(S.config.log.every_steps, 1))
         self._finite = None  # compiled on the first save
+        self.workdir, self.echo = workdir, echo
+        self.calls = 0  # train calls made by this process (the first compiles its program)
+        self.tracing = None  # the step a jax.profiler trace started at, while one runs
+        self.traced = False  # this process has written its trace (log.profile_steps)
+
+    def before_call(self) -> None:
+        """``log.profile_steps``: start a jax.profiler trace at the first train call after
+        ``log.profile_after`` steps of the run, once this process has compiled a call."""
+        lg = self.S.config.log
+        if lg.profile_steps and not self.traced and self.tracing is None and self.calls \
+                and self.record["slots"] >= lg.profile_after:
+            self.tracing = self.record["slots"]
+            jax.profiler.start_trace(str(self._profile_dir()))
+
+    def after_call(self, state) -> None:
+        self.calls += 1
+        if self.tracing is not None and self.record["slots"] >= self.tracing + self.S.config.log.profile_steps:
+            self.stop_trace(state)
+
+    def stop_trace(self, state=None) -> None:
+        """End a running trace (its calls finished first); at the run's end or on any
+        exit, so a trace never outlives its run."""
+        if self.tracing is None:
+            return
+        if state is not None:
+            jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        first, self.tracing, self.traced = self.tracing, None, True
+        self.echo(f"profile of train steps {first}-{self.record['slots'] - 1}: {self._profile_dir()}")
+
+    def _profile_dir(self) -> Path:
+        d = self.workdir / "profile"  # one folder per process of a job: each writes a trace of its own
+        return d / f"process_{jax.process_index()}" if jax.process_count() > 1 else d
 
     def clock_start(self) -> None:
         self.phase_clock = time.perf_counter()
@@ -1042,7 +1078,8 @@ def run(config, workdir: str | Path, *, resume: bool = False, resume_from: int |
                        for d in run_dirs]
             for w in writers:
                 cleanup.callback(w.close)
-            hooks = _Hooks(S, ckpt, record, t_start, record["wall_s"], writers)
+            hooks = _Hooks(S, ckpt, record, t_start, record["wall_s"], writers, workdir, echo)
+            cleanup.callback(hooks.stop_trace)  # a run that ends or dies while tracing stops its trace
             resumed_logs = record.get("logs")  # None: a fresh run, or a checkpoint older than log offsets
             for r, w in enumerate(writers):
                 w.start(resumed_logs["offsets"][r] if resumed_logs else None)
@@ -1080,7 +1117,7 @@ def run(config, workdir: str | Path, *, resume: bool = False, resume_from: int |
 FAILED = "FAILED.txt"
 # What a run writes in its workdir and in each run's folder (seed_<k>/, a sweep setting's).
 _OUTPUTS = (FAILED, "results.json", "summary.json", "metrics.jsonl", "accuracy_matrix.png", "task_accuracy.png",
-            "tensorboard")
+            "tensorboard", "profile")
 
 
 def _clear_outputs(workdir: Path) -> None:

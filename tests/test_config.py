@@ -47,6 +47,8 @@ def test_bad_values_are_refused_by_name():
         jaxcl.get_config("split_mnits")
     with pytest.raises(ConfigError, match="not of the form key=value"):
         jaxcl.get_config("split_mnist:ewc")
+    with pytest.raises(ConfigError, match="log.profile_steps: must be an integer >= 0, got -1"):
+        config_lib.validate(config_lib.override(c, ["log.profile_steps=-1"]))
 
 
 def test_override_parses_types_and_switches_method():

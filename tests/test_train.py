@@ -37,6 +37,30 @@ def test_end_to_end_writes_every_artifact(make_config, tmp_path):
     assert Checkpointer(tmp_path / "checkpoints").latest() is not None
 
 
+@pytest.mark.parametrize("after, steps", [(0, "2-5"), (3, "4-7")])
+def test_log_profile_steps_traces_whole_train_calls_after_the_first(make_config, tmp_path, after, steps):
+    """log.profile_steps: a jax.profiler trace in WORKDIR/profile of the train calls from the
+    first one past log.profile_after steps, never this process's first (compiling) call,
+    until that many steps ran. K = 2 steps a call, 3 steps asked: two calls, from step 2
+    (after 0: the call at step 0 compiles) or from step 4 (after 3)."""
+    from jax._src.lib import _profile_data
+
+    said = []
+    c = make_config(num_tasks=2, loop__steps_per_call=2, log__profile_steps=3, log__profile_after=after)
+    jaxcl.run(c, tmp_path, echo=said.append)
+    assert f"profile of train steps {steps}: {tmp_path / 'profile'}" in said
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1
+    spans = sorted((ev.start_ns, ev.start_ns + ev.duration_ns)
+                   for plane in _profile_data.ProfileData.from_file(str(traces[0])).planes
+                   for line in plane.lines for ev in line.events if ev.name == "PjitFunction(train_chunk)")
+    calls = [spans[0]]  # the jitted call's events, a nested one inside each outer one
+    for a, b in spans[1:]:
+        if a >= calls[-1][1]:
+            calls.append((a, b))
+    assert len(calls) == 2  # the two calls, no more
+
+
 @pytest.mark.parametrize("on_device", ["true", "false"])
 def test_changing_task_does_not_recompile(make_config, tmp_path, monkeypatch, on_device):
     # chex raises as soon as a wrapped function is traced a second time
