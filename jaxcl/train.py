@@ -931,8 +931,13 @@ class _Hooks:
         lg = self.S.config.log
         if lg.profile_steps and not self.traced and self.tracing is None and self.calls \
                 and self.record["slots"] >= lg.profile_after:
+            try:
+                jax.profiler.start_trace(str(self._profile_dir()))
+            except RuntimeError as e:  # a trace of the caller's own already runs: the run goes on without one
+                self.traced = True
+                self.echo(f"log.profile_steps: no trace written ({e})")
+                return
             self.tracing = self.record["slots"]
-            jax.profiler.start_trace(str(self._profile_dir()))
 
     def after_call(self, state) -> None:
         self.calls += 1

@@ -61,6 +61,19 @@ def test_log_profile_steps_traces_whole_train_calls_after_the_first(make_config,
     assert len(calls) == 2  # the two calls, no more
 
 
+def test_a_trace_already_running_leaves_the_run_to_finish_without_one(make_config, tmp_path):
+    said = []
+    jax.profiler.start_trace(str(tmp_path / "mine"))  # the caller's own trace
+    try:
+        r = jaxcl.run(make_config(num_tasks=2, loop__steps_per_call=2, log__profile_steps=3, log__profile_after=0),
+                      tmp_path / "run", echo=said.append)
+    finally:
+        jax.profiler.stop_trace()
+    assert len(r["accuracy_matrix"]) == 2
+    assert any(s.startswith("log.profile_steps: no trace written") for s in said), said
+    assert not (tmp_path / "run" / "profile").exists()
+
+
 @pytest.mark.parametrize("on_device", ["true", "false"])
 def test_changing_task_does_not_recompile(make_config, tmp_path, monkeypatch, on_device):
     # chex raises as soon as a wrapped function is traced a second time
