@@ -911,7 +911,7 @@ def summary(runs: list[dict]) -> dict:
 
 
 class _Hooks:
-    """The loop's side effects: time keeping, checkpoints, the NaN stop, logs."""
+    """The loop's side effects: time keeping, checkpoints, the NaN stop, logs, the profile."""
 
     def __init__(self, S: Setup, ckpt, record: dict, t_start: float, wall_before: float, writers, workdir: Path,
                  echo: Callable[[str], None]):
