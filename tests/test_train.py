@@ -43,8 +43,6 @@ def test_log_profile_steps_traces_whole_train_calls_after_the_first(make_config,
     first one past log.profile_after steps, never this process's first (compiling) call,
     until that many steps ran. K = 2 steps a call, 3 steps asked: two calls, from step 2
     (after 0: the call at step 0 compiles) or from step 4 (after 3)."""
-    from jax._src.lib import _profile_data
-
     said = []
     c = make_config(num_tasks=2, loop__steps_per_call=2, log__profile_steps=3, log__profile_after=after)
     jaxcl.run(c, tmp_path, echo=said.append)
@@ -52,7 +50,7 @@ def test_log_profile_steps_traces_whole_train_calls_after_the_first(make_config,
     traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1
     spans = sorted((ev.start_ns, ev.start_ns + ev.duration_ns)
-                   for plane in _profile_data.ProfileData.from_file(str(traces[0])).planes
+                   for plane in jax.profiler.ProfileData.from_file(str(traces[0])).planes
                    for line in plane.lines for ev in line.events if ev.name == "PjitFunction(train_chunk)")
     calls = [spans[0]]  # the jitted call's events, a nested one inside each outer one
     for a, b in spans[1:]:
