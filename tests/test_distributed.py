@@ -90,12 +90,14 @@ EIGHT = RUN + """
     emit(case="cut", workdir=f"{out}/cut", saves=saves)
 """ % (FSDP, CUT)
 
-# argv: out dir, methods; then the launcher's arguments
+# argv: out dir, methods; then the launcher's arguments; packnet also traces 2 steps
+# (log.profile_steps: each process writes a trace of its own)
+PROFILE = ["log.profile_steps=2", "log.profile_after=0"]
 TWO = RUN + """
     out = args[0]
     for name in args[1].split(","):
-        run("mp", name, [])
-"""
+        run("mp", name, %r if name == "packnet" else [])
+""" % PROFILE
 # ewc, er and nccl run on several devices in EIGHT (mesh.data=8), ewc on 2 processes in the test
 # of the killed job below, er (replay memory fed per process) in test_runs_axis.py's 2-process job;
 # l2p (a prompt method on a ViT) here and under fsdp in EIGHT
@@ -165,6 +167,14 @@ def test_only_process_zero_writes(single, two_processes):
     one = (Path(single["packnet"]["workdir"]) / "metrics.jsonl").read_text().splitlines()
     assert len(one) == len(lines)  # one writer: no line twice
     assert "RESULT" not in (logs / "process_1.log").read_text()  # process 1 said nothing of its own
+
+
+def test_each_process_of_a_job_writes_its_own_profile(two_processes):
+    out, _, _ = two_processes
+    profile = out / "runs" / "mp" / "packnet" / "profile"
+    assert sorted(p.name for p in profile.iterdir()) == ["process_0", "process_1"]
+    for d in profile.iterdir():
+        assert len(list(d.rglob("*.xplane.pb"))) == 1, d
 
 
 def test_one_process_of_eight_devices_splits_the_batch_and_its_errors_name_the_problem(eight):
