@@ -61,7 +61,9 @@ def test_log_profile_steps_traces_whole_train_calls_after_the_first(make_config,
 
 def test_a_trace_already_running_leaves_the_run_to_finish_without_one(make_config, tmp_path):
     said = []
-    jax.profiler.start_trace(str(tmp_path / "mine"))  # the caller's own trace
+    quiet = jax.profiler.ProfileOptions()
+    quiet.python_tracer_level = 0  # the caller's own trace, without Python's calls (a slower run, a larger file)
+    jax.profiler.start_trace(str(tmp_path / "mine"), profiler_options=quiet)
     try:
         r = jaxcl.run(make_config(num_tasks=2, loop__steps_per_call=2, log__profile_steps=3, log__profile_after=0),
                       tmp_path / "run", echo=said.append)
